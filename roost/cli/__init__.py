@@ -1,0 +1,1 @@
+"""The ``roost`` command line (typer): parses input, calls the core, renders output."""

@@ -1,0 +1,73 @@
+"""``roost demo``: the whole loop locally, with a summary of every stage."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from roost.cli.app import state
+from roost.cli.output import EpochProgress, console, emit_json, interactive
+from roost.demo import DemoReport, run_demo
+
+
+def demo(
+    ctx: typer.Context,
+    max_rows: Annotated[
+        int | None, typer.Option(help="Train on a stratified sample (faster).", show_default=False)
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Max epochs [default: 10].", show_default=False)] = None,
+    keep_running: Annotated[
+        bool, typer.Option(help="Leave MLflow and the model server running at the end.")
+    ] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+) -> None:
+    """Run MLflow, train, gate, serve and predict on this machine (loopback only)."""
+    settings = state(ctx).settings(**{"data.max_rows": max_rows, "train.epochs": epochs})
+
+    def notify(message: str) -> None:
+        if not json_output:
+            console.print(f"[bold cyan]==>[/] {message}")
+
+    with EpochProgress(show_bars=interactive(json_output), quiet=json_output) as progress:
+        report = run_demo(settings, notify, progress, keep_running=keep_running)
+    if json_output:
+        emit_json(report.to_dict())
+    else:
+        render(report)
+
+
+def render(report: DemoReport) -> None:
+    console.rule("roost demo summary")
+    console.print(f"MLflow UI      {report.tracking_uri}")
+    console.print(f"training run   {report.run_id}")
+    console.print(
+        f"test split     accuracy {report.test_accuracy:.4f} | macro-F1 {report.test_macro_f1:.4f}"
+    )
+    verdict = "passed" if report.gate_passed else "refused"
+    console.print(f"registry       {report.model} v{report.version} -> @{report.alias} (gate {verdict}: {report.gate_reason})")
+    console.print(f"champion       {report.model} v{report.champion_version}")
+    for name, url in report.endpoints.items():
+        console.print(f"{name:<14} {url}")
+    table = Table(title="sample predictions (label / confidence)")
+    table.add_column("text", overflow="fold", max_width=56)
+    for protocol in report.predictions:
+        table.add_column(protocol)
+    first = next(iter(report.predictions.values()), [])
+    for i, row in enumerate(first):
+        cells = [
+            f"{report.predictions[p][i]['label']} {report.predictions[p][i]['confidence']:.2f}"
+            for p in report.predictions
+        ]
+        table.add_row(row["text"], *cells)
+    console.print(table)
+    timing = Table(title="stage wall time")
+    timing.add_column("stage")
+    timing.add_column("seconds", justify="right")
+    for s in report.stages:
+        timing.add_row(s.name, f"{s.seconds:.1f}")
+    timing.add_row("[bold]total[/]", f"[bold]{report.total_seconds:.1f}[/]")
+    console.print(timing)
+    if report.started_tracking:
+        console.print("MLflow was stopped; `roost mlflow up` brings the same store back.")

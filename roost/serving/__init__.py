@@ -1,0 +1,1 @@
+"""The KServe predictor: codec, micro-batching, metrics, model and server."""

@@ -1,0 +1,76 @@
+"""Run ``roost serve`` as a local background process on loopback ports.
+
+The demo, the local rollout backend, the benchmark and the tests start model servers
+through this one function, with the same entry point a pod runs.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from roost import proc
+from roost.config import Settings
+
+
+@dataclass
+class LocalServer:
+    process: proc.Background
+    name: str
+    http_port: int
+    grpc_port: int
+    host: str = "127.0.0.1"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def ready_url(self) -> str:
+        return f"{self.http_url}/v2/models/{self.name}/ready"
+
+    def ready(self) -> bool:
+        return proc.http_ok(self.ready_url)
+
+    def wait_ready(self, timeout: float = 120.0) -> LocalServer:
+        proc.wait_http(self.ready_url, timeout, self.process, what=f"model server {self.name}")
+        return self
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def start(
+    settings: Settings,
+    model_uri: str,
+    log_file: Path,
+    name: str | None = None,
+    http_port: int = 0,
+    grpc_port: int = 0,
+    tracking_uri: str | None = None,
+    env: dict[str, str] | None = None,
+    extra_args: list[str] | None = None,
+) -> LocalServer:
+    """Start ``roost serve`` for ``model_uri`` in the background; call ``wait_ready`` next."""
+    name = name or settings.serving.model_name
+    http_port = http_port or proc.free_port()
+    grpc_port = grpc_port or proc.free_port()
+    argv = [
+        sys.executable, "-m", "roost", "--log-format", "json", "serve",
+        "--model-uri", model_uri,
+        "--model-name", name,
+        "--http-port", str(http_port),
+        "--grpc-port", str(grpc_port),
+        *(extra_args or []),
+    ]  # fmt: skip
+    child_env = {"ROOST_STATE_DIR": str(settings.state_dir.resolve()), "PYTHONUNBUFFERED": "1"}
+    if tracking_uri:
+        child_env["MLFLOW_TRACKING_URI"] = tracking_uri
+    child_env.update(env or {})
+    process = proc.start_background(argv, log_file, env=child_env)
+    return LocalServer(process, name, http_port, grpc_port)
