@@ -128,6 +128,39 @@ class ServingSettings(_Section):
     )
 
 
+class RolloutSettings(_Section):
+    """Progressive delivery (owned by roost.rollout)."""
+
+    steps: list[int] = Field([10, 25, 50, 100], description="Canary weights (percent), in order.")
+    window_s: float = Field(60.0, gt=0, description="Analysis window held at each step.")
+    min_requests: int = Field(50, ge=1, description="Requests to the canary before any verdict.")
+    backend: Literal["local", "kserve"] = Field("local", description="Traffic backend.")
+    prometheus_url: str | None = Field(
+        None, description="Prometheus query endpoint; unset: scrape the predictors' /metrics."
+    )
+
+
+class K8sSettings(_Section):
+    """Kubernetes (owned by roost.k8s)."""
+
+    namespace: str = Field("roost", description="Namespace of the release and its objects.")
+    context: str | None = Field(None, description="kubeconfig context; default: current.")
+    inference_service: str = Field("sentiment", description="InferenceService name.")
+
+
+class AwsSettings(_Section):
+    """AWS (owned by roost.aws)."""
+
+    region: str = Field("us-east-1", description="AWS region.")
+    bucket: str | None = Field(None, description="Artifact bucket name.")
+
+
+class BenchSettings(_Section):
+    """Benchmark (owned by roost.bench)."""
+
+    out_dir: Path = Field(Path("bench-out"), description="Where bench.json, tables and plots go.")
+
+
 class Settings(BaseSettings):
     """The whole configuration tree."""
 
@@ -145,6 +178,10 @@ class Settings(BaseSettings):
     train: TrainSettings = TrainSettings()
     registry: RegistrySettings = RegistrySettings()
     serving: ServingSettings = ServingSettings()
+    rollout: RolloutSettings = RolloutSettings()
+    k8s: K8sSettings = K8sSettings()
+    aws: AwsSettings = AwsSettings()
+    bench: BenchSettings = BenchSettings()
 
     @model_validator(mode="after")
     def _mlflow_env(self) -> Settings:

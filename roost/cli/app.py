@@ -107,15 +107,21 @@ def root(
 
 
 def _register() -> None:
-    from roost.cli import demo, registry, serve, tracking, train
+    # One line per command or group; each module owns its own commands.
+    from roost.cli import bench, cluster, demo, registry, rollout, serve, tracking, train
 
-    app.add_typer(tracking.app, name="mlflow")
-    app.add_typer(registry.app, name="registry")
     app.command("train")(train.train)
     app.command("promote")(registry.promote)
     app.command("serve")(serve.serve)
     app.command("predict")(serve.predict)
     app.command("demo")(demo.demo)
+    app.add_typer(tracking.app, name="mlflow")
+    app.add_typer(registry.app, name="registry")
+    app.add_typer(rollout.app, name="rollout")
+    app.add_typer(cluster.aws_app, name="aws")
+    # Helpers register further commands here, e.g.
+    # app.command("deploy")(cluster.deploy) / app.command("bench")(bench.bench)
+    del bench
 
 
 _register()

@@ -1,0 +1,3 @@
+"""``roost bench``: roost vs TorchServe vs the raw model, measured in one run."""
+
+from __future__ import annotations

@@ -1,0 +1,102 @@
+"""Shared fixtures: one real MLflow server, one trained + registered model, one model server.
+
+Everything runs on loopback ports chosen at start-up and is torn down by the fixture, not
+by the test body, so a failing assertion never leaks a process.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from roost import registry, tracking
+from roost.config import Settings, load_settings
+from roost.serving import local
+from roost.train import TrainOutcome, run_training
+
+# Small but real: a stratified sample of the tweet corpus trains in a few seconds.
+TEST_ROWS = 6000
+TEST_EPOCHS = 4
+
+
+def _clean_env() -> None:
+    for name in list(os.environ):
+        if name.startswith("ROOST_") and name not in ("ROOST_SCHEMA_DIR", "ROOST_CHECKOV"):
+            del os.environ[name]
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+_clean_env()
+
+
+def make_settings(state_dir: Path, tracking_uri: str | None = None, **sections: dict) -> Settings:
+    overrides: dict = {
+        "state_dir": state_dir,
+        "data": {"max_rows": TEST_ROWS},
+        "train": {"epochs": TEST_EPOCHS},
+    }
+    if tracking_uri:
+        overrides["tracking"] = {"uri": tracking_uri}
+    for name, values in sections.items():
+        overrides.setdefault(name, {}).update(values)
+    return load_settings(None, overrides)
+
+
+@pytest.fixture(scope="session")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("roost-state")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(state_dir: Path) -> Iterator[tracking.ServerState]:
+    """A real `mlflow server` (SQLite + local artifacts) on a free loopback port."""
+    settings = make_settings(state_dir)
+    server = tracking.up(settings)
+    try:
+        yield server
+    finally:
+        tracking.down(settings)
+
+
+@pytest.fixture(scope="session")
+def settings(state_dir: Path, mlflow_server: tracking.ServerState) -> Settings:
+    return make_settings(state_dir, mlflow_server.uri)
+
+
+@dataclass(frozen=True)
+class Champion:
+    outcome: TrainOutcome
+    version: str
+    model_uri: str  # models:/sentiment/<version>
+
+
+@pytest.fixture(scope="session")
+def champion(settings: Settings) -> Champion:
+    """A model trained on a corpus sample, registered, gated and aliased `champion`."""
+    outcome = run_training(settings)
+    result = registry.promote(settings, run_id=outcome.run_id)
+    assert result.decision.passed, result.decision.reason
+    return Champion(outcome, result.version, f"models:/{settings.registry.model_name}/{result.version}")
+
+
+@pytest.fixture(scope="session")
+def model_server(settings: Settings, champion: Champion, state_dir: Path) -> Iterator[local.LocalServer]:
+    """`roost serve` (KServe ModelServer) for models:/sentiment@champion on free ports."""
+    server = local.start(
+        settings,
+        f"models:/{settings.registry.model_name}@{settings.registry.champion_alias}",
+        state_dir / "logs" / "model-server.log",
+        tracking_uri=settings.tracking.uri,
+    )
+    try:
+        server.wait_ready(timeout=120)
+        yield server
+    finally:
+        server.stop()
