@@ -15,6 +15,7 @@ import logging
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -253,6 +254,8 @@ def fit(
             best_state=resume["best_state"],
             history=[EpochStats(**h) for h in resume["history"]],
         )
+        if "rng_state" in resume:
+            torch.set_rng_state(resume["rng_state"])  # dropout masks continue as if never stopped
         resumed_from = state.epoch
         log.info("resuming training from epoch=%d", state.epoch)
 
@@ -314,6 +317,7 @@ def fit(
                     "best_state": state.best_state,
                     "history": [asdict(h) for h in state.history],
                     "tokenizer": tokenizer.to_dict(),
+                    "rng_state": torch.get_rng_state(),
                 },
             )
 
@@ -368,10 +372,16 @@ def _log_inputs(splits: data.Splits) -> None:
     import mlflow
 
     stem = Path(splits.source).stem if not storage.is_s3(splits.source) else splits.source
-    for context, frame in (("training", splits.train), ("validation", splits.val), ("test", splits.test)):
-        dataset = mlflow.data.from_pandas(
-            frame, source=splits.source, name=f"{stem}:{context}", targets=data.LABEL
-        )
+    splits_by_context = (
+        ("training", splits.train), ("validation", splits.val), ("test", splits.test),
+    )  # fmt: skip
+    for context, frame in splits_by_context:
+        with warnings.catch_warnings():
+            # MLflow warns that a local path matches two (identical) source types.
+            warnings.filterwarnings("ignore", message="The specified dataset source")
+            dataset = mlflow.data.from_pandas(
+                frame, source=splits.source, name=f"{stem}:{context}", targets=data.LABEL
+            )
         mlflow.log_input(dataset, context=context)
 
 
@@ -382,8 +392,8 @@ def run_training(settings: Settings, progress: TrainProgress | None = None) -> T
     from roost import pyfunc
 
     started = time.perf_counter()
+    splits = data.load_splits(settings.data)  # bad data fails before anything is logged
     uri = tracking.use(settings)
-    splits = data.load_splits(settings.data)
     checkpointer = (
         Checkpointer(settings.train.checkpoint_dir, fingerprint(settings, splits.source))
         if settings.train.checkpoint_dir

@@ -63,8 +63,6 @@ def train(
 
         train_on_k8s(ctx, settings, json_output)
         return
-    if not json_output:
-        console.print(f"training [bold]{settings.model.arch}[/] model (MLflow experiment {settings.tracking.experiment!r})")
     with EpochProgress(show_bars=interactive(json_output), quiet=json_output) as progress:
         outcome = run_training(settings, progress)
     if json_output:
