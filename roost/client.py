@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import httpx
@@ -12,7 +12,7 @@ import httpx
 from roost.errors import RoostError, Unavailable
 
 
-class Protocol(str, Enum):
+class Protocol(StrEnum):
     V1 = "v1"
     V2 = "v2"
     GRPC = "grpc"
@@ -58,12 +58,15 @@ def predict(
 def _predict_rest(
     texts: Sequence[str], protocol: Protocol, url: str, model: str, timeout: float
 ) -> PredictResult:
+    body: dict[str, Any]
     if protocol is Protocol.V1:
         endpoint, body = f"{url}/v1/models/{model}:predict", {"instances": list(texts)}
     else:
         endpoint = f"{url}/v2/models/{model}/infer"
         body = {
-            "inputs": [{"name": "text", "datatype": "BYTES", "shape": [len(texts)], "data": list(texts)}]
+            "inputs": [
+                {"name": "text", "datatype": "BYTES", "shape": [len(texts)], "data": list(texts)}
+            ]
         }
     try:
         response = httpx.post(endpoint, json=body, timeout=timeout)
@@ -128,11 +131,15 @@ def _predict_grpc(texts: Sequence[str], target: str, model: str, timeout: float)
     )
     with grpc.insecure_channel(target) as channel:
         try:
-            response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=timeout)
+            response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                request, timeout=timeout
+            )
         except grpc.RpcError as exc:
             code = exc.code()
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise Unavailable(f"model server at {target} is unreachable ({code.name})") from None
+                raise Unavailable(
+                    f"model server at {target} is unreachable ({code.name})"
+                ) from None
             raise PredictError(code.name, exc.details() or "") from None
     outputs: dict[str, Any] = {}
     for i, tensor in enumerate(response.outputs):

@@ -129,7 +129,12 @@ class ServingSettings(_Section):
 
 
 class RolloutSettings(_Section):
-    """Progressive delivery (owned by roost.rollout)."""
+    """Progressive delivery (owned by roost.rollout).
+
+    A rollout is data: canary ``steps`` (percent), each held for ``window_s``; inside a window
+    the canary is checked every ``check_interval_s`` once it has ``min_requests``; after
+    ``max_failed_checks`` failing checks in a row it is rolled back.
+    """
 
     steps: list[int] = Field([10, 25, 50, 100], description="Canary weights (percent), in order.")
     window_s: float = Field(60.0, gt=0, description="Analysis window held at each step.")
@@ -138,6 +143,64 @@ class RolloutSettings(_Section):
     prometheus_url: str | None = Field(
         None, description="Prometheus query endpoint; unset: scrape the predictors' /metrics."
     )
+    check_interval_s: float = Field(
+        10.0, gt=0, description="Seconds between checks inside a window (failures act early)."
+    )
+    max_failed_checks: int = Field(
+        2, ge=1, description="Failing checks in a row that roll the canary back."
+    )
+    max_error_rate: float = Field(
+        0.01, ge=0, le=1, description="Allowed rise of the 5xx rate over the champion's."
+    )
+    max_p99_ratio: float = Field(
+        2.0, ge=1, description="Allowed p99 latency as a multiple of the champion's p99..."
+    )
+    p99_slack_ms: float = Field(
+        50.0, ge=0, description="...and as an absolute rise (ms); both must be exceeded to fail."
+    )
+    max_js_divergence: float = Field(
+        0.1, ge=0, le=1, description="Allowed Jensen-Shannon divergence (bits) of predicted labels."
+    )
+    max_confidence_drop: float = Field(
+        0.1, ge=0, le=1, description="Allowed drop of the mean predicted-label probability."
+    )
+    poll_s: float = Field(2.0, gt=0, description="Controller loop period (watch and run).")
+    ready_timeout_s: float = Field(
+        300.0, gt=0, description="A canary not serving its weight after this long is rolled back."
+    )
+    lease_s: float = Field(
+        30.0, gt=0, description="A driver silent this long loses the rollout to another."
+    )
+    experiment: str = Field("roost-rollouts", description="MLflow experiment of rollout runs.")
+    prometheus_timeout_s: float = Field(5.0, gt=0, description="Timeout of one Prometheus query.")
+    prometheus_selector: str = Field(
+        'namespace="{namespace}"',
+        description="Extra label matchers of Prometheus queries ({namespace} is filled in).",
+    )
+    metrics_port: int = Field(
+        8080, ge=1, le=65535, description="Port of /metrics on predictor pods (no Prometheus)."
+    )
+    proxy_port: int = Field(
+        0, ge=0, le=65535, description="Local backend: REST port of the nginx proxy (0: free)."
+    )
+    proxy_grpc_port: int = Field(
+        0, ge=0, le=65535, description="Local backend: gRPC port of the nginx proxy (0: free)."
+    )
+    nginx: str = Field("/usr/sbin/nginx", description="Local backend: the nginx binary.")
+    server_start_timeout_s: float = Field(
+        180.0, gt=0, description="Local backend: how long a model server may take to load."
+    )
+
+    @model_validator(mode="after")
+    def _ascending_steps(self) -> RolloutSettings:
+        steps = self.steps
+        if not steps:
+            raise ValueError("rollout.steps: at least one canary step is needed")
+        if any(not 0 < w <= 100 for w in steps):
+            raise ValueError("rollout.steps: canary weights are percentages in 1..100")
+        if any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+            raise ValueError("rollout.steps: canary weights must increase")
+        return self
 
 
 class K8sSettings(_Section):

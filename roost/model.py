@@ -23,7 +23,8 @@ class NGramBag(nn.Module):
         self.head = nn.Linear(embed_dim, num_classes)
 
     def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.embedding(ids, offsets)))
+        logits: torch.Tensor = self.head(self.dropout(self.embedding(ids, offsets)))
+        return logits
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         return list(self.embedding.parameters())

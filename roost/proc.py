@@ -49,7 +49,10 @@ def wait_until(
             return result
         if time.monotonic() >= deadline:
             state = describe() if describe else ""
-            raise Timeout(f"timed out after {timeout:.0f}s waiting for {what}" + (f": {state}" if state else ""))
+            raise Timeout(
+                f"timed out after {timeout:.0f}s waiting for {what}"
+                + (f": {state}" if state else "")
+            )
         time.sleep(interval)
 
 

@@ -12,14 +12,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
-from mlflow.pyfunc import PythonModel, PythonModelContext
+from mlflow.pyfunc.model import PythonModel, PythonModelContext
 from mlflow.types import ColSpec, Schema
 
+import mlflow
 from roost.classifier import TextClassifier
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,8 @@ def texts_from(model_input: Any) -> list[str]:
             column = model_input.iloc[:, 0]
         else:
             raise ValueError(f"expected a {TEXT_COLUMN!r} column, got {list(model_input.columns)}")
-        return column.astype(str).tolist()
+        values: list[str] = column.astype(str).tolist()
+        return values
     if isinstance(model_input, pd.Series | np.ndarray):
         return [str(x) for x in model_input.tolist()]
     if isinstance(model_input, str):
@@ -72,9 +73,10 @@ class SentimentPyfunc(PythonModel):  # type: ignore[misc]
 
 
 def signature(labels: list[str]) -> ModelSignature:
-    outputs = [ColSpec("string", "label"), ColSpec("double", "confidence")]
+    outputs: list[Any] = [ColSpec("string", "label"), ColSpec("double", "confidence")]
     outputs += [ColSpec("double", f"prob_{label}") for label in labels]
-    return ModelSignature(inputs=Schema([ColSpec("string", TEXT_COLUMN)]), outputs=Schema(outputs))
+    inputs: list[Any] = [ColSpec("string", TEXT_COLUMN)]
+    return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
 
 
 def pip_requirements() -> list[str]:
@@ -88,7 +90,9 @@ def pip_requirements() -> list[str]:
     ]
 
 
-def log_model(classifier: TextClassifier, example_texts: list[str], name: str = "model") -> ModelInfo:
+def log_model(
+    classifier: TextClassifier, example_texts: list[str], name: str = "model"
+) -> ModelInfo:
     """Log ``classifier`` to the active run as a pyfunc model; returns MLflow's ModelInfo."""
     with tempfile.TemporaryDirectory(prefix="roost-model-") as tmp:
         saved = classifier.save(Path(tmp) / ARTIFACT_KEY)
@@ -102,4 +106,3 @@ def log_model(classifier: TextClassifier, example_texts: list[str], name: str = 
             pip_requirements=pip_requirements(),
         )
     return info
-

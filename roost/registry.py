@@ -7,6 +7,7 @@ decision as tags on the new version and moves an alias only if the gate passes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
@@ -131,7 +132,9 @@ class Registry:
     def require_alias(self, alias: str) -> str:
         version = self.version_for_alias(alias)
         if version is None:
-            raise AliasNotFound(f"registered model {self.name!r} has no version with alias {alias!r}")
+            raise AliasNotFound(
+                f"registered model {self.name!r} has no version with alias {alias!r}"
+            )
         return version
 
     def set_alias(self, alias: str, version: str) -> None:
@@ -140,10 +143,9 @@ class Registry:
     def delete_alias(self, alias: str) -> None:
         from mlflow.exceptions import MlflowException
 
-        try:
+        # Deleting an absent alias is a no-op, as for any idempotent operation.
+        with contextlib.suppress(MlflowException):
             self.client.delete_registered_model_alias(self.name, alias)
-        except MlflowException:
-            pass  # deleting an absent alias is a no-op, as for any idempotent operation
 
     def set_tags(self, version: str, tags: dict[str, str]) -> None:
         for key, value in tags.items():
@@ -236,7 +238,9 @@ def latest_run_id(tracking_uri: str, experiment: str) -> str:
     return str(runs[0].info.run_id)
 
 
-def promote(settings: Settings, run_id: str | None = None, alias: str | None = None) -> PromoteResult:
+def promote(
+    settings: Settings, run_id: str | None = None, alias: str | None = None
+) -> PromoteResult:
     """Register ``run_id``'s model and move ``alias`` (default: champion) to it if the gate passes.
 
     A refused version gets the candidate alias instead. Decision, scores and reason are
@@ -296,8 +300,9 @@ def promote(settings: Settings, run_id: str | None = None, alias: str | None = N
 
 def download(model_uri: str, dst: Path) -> Path:
     """Download a ``models:/`` (or ``runs:/``) URI to ``dst``; returns the local directory."""
-    import mlflow
     from mlflow.exceptions import MlflowException
+
+    import mlflow
 
     try:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
@@ -326,7 +331,9 @@ def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
         if not name or not version:
             raise NotFound(f"malformed model URI {uri!r}: expected models:/NAME/VERSION")
         return name, version, None
-    raise NotFound(f"malformed model URI {uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    raise NotFound(
+        f"malformed model URI {uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION"
+    )
 
 
 def fetch_model(settings: Settings, uri: str) -> LocalModel:

@@ -148,7 +148,9 @@ class Checkpointer:
             raw = storage.read_bytes(self.uri)
         except NotFound:
             return None
-        payload: dict[str, Any] = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
+        payload: dict[str, Any] = torch.load(
+            io.BytesIO(raw), map_location="cpu", weights_only=False
+        )
         if payload.get("fingerprint") != self.fingerprint:
             log.warning("checkpoint ignored uri=%s reason=config-changed", self.uri)
             return None
@@ -276,7 +278,7 @@ def fit(
                 loss = nn.functional.cross_entropy(logits.float(), target)
             sparse_opt.zero_grad(set_to_none=True)
             dense_opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
             scaler.step(sparse_opt)
             scaler.step(dense_opt)
             scaler.update()
@@ -340,7 +342,9 @@ def evaluate(classifier: TextClassifier, frame: pd.DataFrame) -> evaluation.Repo
     for idx in _batches(len(texts), EVAL_BATCH, None):
         names, _ = classifier.predict([texts[i] for i in idx])
         predicted.extend(names)
-    return evaluation.classification_report(frame[data.LABEL].tolist(), predicted, classifier.labels)
+    return evaluation.classification_report(
+        frame[data.LABEL].tolist(), predicted, classifier.labels
+    )
 
 
 def git_commit() -> str | None:
@@ -370,6 +374,7 @@ def _params(settings: Settings, splits: data.Splits) -> dict[str, Any]:
 
 def _log_inputs(splits: data.Splits) -> None:
     import mlflow
+    from mlflow.data.pandas_dataset import from_pandas
 
     stem = Path(splits.source).stem if not storage.is_s3(splits.source) else splits.source
     splits_by_context = (
@@ -379,7 +384,7 @@ def _log_inputs(splits: data.Splits) -> None:
         with warnings.catch_warnings():
             # MLflow warns that a local path matches two (identical) source types.
             warnings.filterwarnings("ignore", message="The specified dataset source")
-            dataset = mlflow.data.from_pandas(
+            dataset = from_pandas(
                 frame, source=splits.source, name=f"{stem}:{context}", targets=data.LABEL
             )
         mlflow.log_input(dataset, context=context)
@@ -388,7 +393,6 @@ def _log_inputs(splits: data.Splits) -> None:
 def run_training(settings: Settings, progress: TrainProgress | None = None) -> TrainOutcome:
     """Load data, train, evaluate and record everything as one MLflow run."""
     import mlflow
-
     from roost import pyfunc
 
     started = time.perf_counter()
@@ -432,9 +436,7 @@ def run_training(settings: Settings, progress: TrainProgress | None = None) -> T
         result = fit(splits, settings.model, settings.train, progress, resume, on_epoch)
         report = evaluate(result.classifier, splits.test)
         mlflow.log_metrics(report.flat("test_"))
-        mlflow.log_metrics(
-            {"best_epoch": result.best_epoch, "train_seconds": result.seconds}
-        )
+        mlflow.log_metrics({"best_epoch": result.best_epoch, "train_seconds": result.seconds})
         mlflow.log_params(
             {
                 "model.vocab_size": result.classifier.tokenizer.size,

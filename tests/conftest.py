@@ -83,11 +83,15 @@ def champion(settings: Settings) -> Champion:
     outcome = run_training(settings)
     result = registry.promote(settings, run_id=outcome.run_id)
     assert result.decision.passed, result.decision.reason
-    return Champion(outcome, result.version, f"models:/{settings.registry.model_name}/{result.version}")
+    return Champion(
+        outcome, result.version, f"models:/{settings.registry.model_name}/{result.version}"
+    )
 
 
 @pytest.fixture(scope="session")
-def model_server(settings: Settings, champion: Champion, state_dir: Path) -> Iterator[local.LocalServer]:
+def model_server(
+    settings: Settings, champion: Champion, state_dir: Path
+) -> Iterator[local.LocalServer]:
     """`roost serve` (KServe ModelServer) for models:/sentiment@champion on free ports."""
     server = local.start(
         settings,

@@ -22,7 +22,7 @@ from roost.errors import RoostError
 class RoostGroup(TyperGroup):
     """Maps RoostError (and MLflow's own errors) to one line and an exit code."""
 
-    def invoke(self, ctx: typer.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except RoostError as exc:
@@ -84,13 +84,19 @@ def root(
     ctx: typer.Context,
     config: Annotated[
         Path | None,
-        typer.Option("--config", "-c", help="YAML config file (also ROOST_CONFIG).", show_default=False),
+        typer.Option(
+            "--config", "-c", help="YAML config file (also ROOST_CONFIG).", show_default=False
+        ),
     ] = None,
     state_dir: Annotated[
         Path | None,
-        typer.Option(help="Local state directory (default .roost; also ROOST_STATE_DIR).", show_default=False),
+        typer.Option(
+            help="Local state directory (default .roost; also ROOST_STATE_DIR).", show_default=False
+        ),
     ] = None,
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="-v info, -vv debug logs.")] = 0,
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, help="-v info, -vv debug logs.")
+    ] = 0,
     log_format: Annotated[
         str, typer.Option(help="Log format: auto, rich, json or plain.")
     ] = "auto",

@@ -65,7 +65,8 @@ class EpochProgress:
             return
         marker = " *" if stats.improved else ""
         console.print(
-            f"  epoch {stats.epoch}: train loss {stats.train_loss:.4f} acc {stats.train_accuracy:.3f}"
-            f" | val loss {stats.val_loss:.4f} acc {stats.val_accuracy:.3f}"
+            f"  epoch {stats.epoch}: train loss {stats.train_loss:.4f}"
+            f" acc {stats.train_accuracy:.3f} | val loss {stats.val_loss:.4f}"
+            f" acc {stats.val_accuracy:.3f}"
             f" | {stats.seconds:.1f}s{marker}"
         )

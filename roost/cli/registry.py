@@ -18,24 +18,29 @@ app.add_typer(alias_app, name="alias")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 ModelOpt = Annotated[
-    str | None, typer.Option("--model", help="Registered model [default: sentiment].", show_default=False)
+    str | None,
+    typer.Option("--model", help="Registered model [default: sentiment].", show_default=False),
 ]
 
 
 def promote(
     ctx: typer.Context,
     run_id: Annotated[
-        str | None, typer.Option(help="Training run to register [default: the latest].", show_default=False)
+        str | None,
+        typer.Option(help="Training run to register [default: the latest].", show_default=False),
     ] = None,
     to: Annotated[
         str | None,
-        typer.Option(help="Alias to move if the gate passes [default: champion].", show_default=False),
+        typer.Option(
+            help="Alias to move if the gate passes [default: champion].", show_default=False
+        ),
     ] = None,
     metric: Annotated[
         str | None, typer.Option(help="Gate metric: macro_f1 or accuracy.", show_default=False)
     ] = None,
     min_improvement: Annotated[
-        float | None, typer.Option(help="Required gain over the champion [default: 0].", show_default=False)
+        float | None,
+        typer.Option(help="Required gain over the champion [default: 0].", show_default=False),
     ] = None,
     model: ModelOpt = None,
     json_output: JsonFlag = False,
@@ -61,7 +66,9 @@ def promote(
 
 
 @app.command("list")
-def list_versions(ctx: typer.Context, model: ModelOpt = None, json_output: JsonFlag = False) -> None:
+def list_versions(
+    ctx: typer.Context, model: ModelOpt = None, json_output: JsonFlag = False
+) -> None:
     """List the versions of a registered model with aliases and gate results."""
     settings = state(ctx).settings(**{"registry.model_name": model})
     registry = reg.Registry(tracking.use(settings), settings.registry.model_name)

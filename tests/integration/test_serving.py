@@ -89,7 +89,9 @@ def test_all_protocols_agree(model_server: LocalServer) -> None:
     assert labels[client.Protocol.V1] == labels[client.Protocol.V2] == labels[client.Protocol.GRPC]
     for p in client.Protocol:
         conf = [x.confidence for x in answers[p].predictions]
-        assert np.allclose(conf, [x.confidence for x in answers[client.Protocol.V1].predictions], atol=1e-6)
+        assert np.allclose(
+            conf, [x.confidence for x in answers[client.Protocol.V1].predictions], atol=1e-6
+        )
 
 
 def test_metrics_endpoint(http: httpx.Client) -> None:
@@ -108,7 +110,11 @@ def test_metrics_endpoint(http: httpx.Client) -> None:
 
 def test_long_text_is_truncated_not_rejected(http: httpx.Client) -> None:
     r = http.post("/v1/models/sentiment:predict", json={"instances": ["great " * 3400]})
-    assert r.status_code == 200 and r.json()["predictions"][0]["label"] in {"negative", "neutral", "positive"}
+    assert r.status_code == 200 and r.json()["predictions"][0]["label"] in {
+        "negative",
+        "neutral",
+        "positive",
+    }
 
 
 @pytest.mark.parametrize(
@@ -116,20 +122,95 @@ def test_long_text_is_truncated_not_rejected(http: httpx.Client) -> None:
     [
         ("/v1/models/nope:predict", {"json": {"instances": ["x"]}}, 404, "nope"),
         ("/v2/models/nope/infer", {"json": V2_BODY}, 404, "nope"),
-        ("/v1/models/sentiment:predict", {"content": b'{"instances": [', "headers": {"content-type": "application/json"}}, 400, "Unrecognized request format"),
-        ("/v2/models/sentiment/infer", {"content": b'{"inputs": [', "headers": {"content-type": "application/json"}}, 400, "malformed JSON"),
-        ("/v1/models/sentiment:predict", {"json": {"texts": ["x"]}}, 400, "instances: field required"),
-        ("/v1/models/sentiment:predict", {"json": {"instances": "x"}}, 400, "instances: expected a list"),
-        ("/v1/models/sentiment:predict", {"json": {"instances": [1]}}, 400, "instances[0]: expected a string"),
-        ("/v1/models/sentiment:predict", {"json": {"instances": []}}, 400, "instances: must not be empty"),
-        ("/v2/models/sentiment/infer", {"json": {"inputs": [{"name": "text", "shape": [1], "data": ["x"]}]}}, 400, "inputs[0].datatype"),
-        ("/v2/models/sentiment/infer", {"json": {"inputs": [{"name": "text", "datatype": "FP32", "shape": [1], "data": [1.5]}]}}, 400, "inputs[0].datatype: expected BYTES, got FP32"),
-        ("/v2/models/sentiment/infer", {"json": {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["x"]}]}}, 400, "inputs[0].shape"),
-        ("/v2/models/sentiment/infer", {"json": {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [0], "data": []}]}}, 400, "inputs[0].data: must not be empty"),
+        (
+            "/v1/models/sentiment:predict",
+            {"content": b'{"instances": [', "headers": {"content-type": "application/json"}},
+            400,
+            "Unrecognized request format",
+        ),
+        (
+            "/v2/models/sentiment/infer",
+            {"content": b'{"inputs": [', "headers": {"content-type": "application/json"}},
+            400,
+            "malformed JSON",
+        ),
+        (
+            "/v1/models/sentiment:predict",
+            {"json": {"texts": ["x"]}},
+            400,
+            "instances: field required",
+        ),
+        (
+            "/v1/models/sentiment:predict",
+            {"json": {"instances": "x"}},
+            400,
+            "instances: expected a list",
+        ),
+        (
+            "/v1/models/sentiment:predict",
+            {"json": {"instances": [1]}},
+            400,
+            "instances[0]: expected a string",
+        ),
+        (
+            "/v1/models/sentiment:predict",
+            {"json": {"instances": []}},
+            400,
+            "instances: must not be empty",
+        ),
+        (
+            "/v2/models/sentiment/infer",
+            {"json": {"inputs": [{"name": "text", "shape": [1], "data": ["x"]}]}},
+            400,
+            "inputs[0].datatype",
+        ),
+        (
+            "/v2/models/sentiment/infer",
+            {
+                "json": {
+                    "inputs": [{"name": "text", "datatype": "FP32", "shape": [1], "data": [1.5]}]
+                }
+            },
+            400,
+            "inputs[0].datatype: expected BYTES, got FP32",
+        ),
+        (
+            "/v2/models/sentiment/infer",
+            {
+                "json": {
+                    "inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["x"]}]
+                }
+            },
+            400,
+            "inputs[0].shape",
+        ),
+        (
+            "/v2/models/sentiment/infer",
+            {"json": {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [0], "data": []}]}},
+            400,
+            "inputs[0].data: must not be empty",
+        ),
         ("/v2/models/sentiment/infer", {"json": {"inputs": "text"}}, 400, "inputs"),
         ("/v2/models/sentiment/infer", {"json": {}}, 400, "inputs: Field required"),
-        ("/v1/models/sentiment:predict", {"content": b'{"instances": ["\xff\xfe"]}', "headers": {"content-type": "application/json"}}, 400, "UTF-8"),
-        ("/v2/models/sentiment/infer", {"content": b'{"inputs": [{"name": "t", "datatype": "BYTES", "shape": [1], "data": ["\xff"]}]}', "headers": {"content-type": "application/json"}}, 400, "request body"),
+        (
+            "/v1/models/sentiment:predict",
+            {
+                "content": b'{"instances": ["\xff\xfe"]}',
+                "headers": {"content-type": "application/json"},
+            },
+            400,
+            "UTF-8",
+        ),
+        (
+            "/v2/models/sentiment/infer",
+            {
+                "content": b'{"inputs": [{"name": "t", "datatype": "BYTES", "shape": [1], '
+                b'"data": ["\xff"]}]}',
+                "headers": {"content-type": "application/json"},
+            },
+            400,
+            "request body",
+        ),
         ("/v3/unknown", {"json": {}}, 404, "Not Found"),
     ],
 )
@@ -154,7 +235,11 @@ def test_body_over_limit_is_413(http: httpx.Client) -> None:
             yield b'"' + b"y" * 1000 + b'",'
         yield b'"z"]}'
 
-    r = http.post("/v1/models/sentiment:predict", content=chunks(), headers={"content-type": "application/json"})
+    r = http.post(
+        "/v1/models/sentiment:predict",
+        content=chunks(),
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 413
 
 
@@ -165,14 +250,30 @@ def grpc_call(target: str, request):  # type: ignore[no-untyped-def]
         return pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(request, timeout=30)
 
 
-def grpc_request(model: str = "sentiment", datatype: str = "BYTES", texts: list[bytes] | None = None, shape: list[int] | None = None):  # type: ignore[no-untyped-def]
+def grpc_request(
+    model: str = "sentiment",
+    datatype: str = "BYTES",
+    texts: list[bytes] | None = None,
+    shape: list[int] | None = None,
+):  # type: ignore[no-untyped-def]
     from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 
     texts = texts if texts is not None else [t.encode() for t in TEXTS]
-    contents = pb.InferTensorContents(bytes_contents=texts) if datatype == "BYTES" else pb.InferTensorContents(fp32_contents=[1.0])
+    contents = (
+        pb.InferTensorContents(bytes_contents=texts)
+        if datatype == "BYTES"
+        else pb.InferTensorContents(fp32_contents=[1.0])
+    )
     return pb.ModelInferRequest(
         model_name=model,
-        inputs=[pb.ModelInferRequest.InferInputTensor(name="text", datatype=datatype, shape=shape or [len(texts) if datatype == "BYTES" else 1], contents=contents)],
+        inputs=[
+            pb.ModelInferRequest.InferInputTensor(
+                name="text",
+                datatype=datatype,
+                shape=shape or [len(texts) if datatype == "BYTES" else 1],
+                contents=contents,
+            )
+        ],
     )
 
 
@@ -180,14 +281,20 @@ def grpc_request(model: str = "sentiment", datatype: str = "BYTES", texts: list[
     ("request_kwargs", "code", "fragment"),
     [
         ({"model": "nope"}, grpc.StatusCode.NOT_FOUND, "nope"),
-        ({"datatype": "FP32"}, grpc.StatusCode.INVALID_ARGUMENT, "inputs[0].datatype: expected BYTES, got FP32"),
+        (
+            {"datatype": "FP32"},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "inputs[0].datatype: expected BYTES, got FP32",
+        ),
         ({"shape": [5]}, grpc.StatusCode.INVALID_ARGUMENT, "inputs[0].shape"),
         ({"texts": []}, grpc.StatusCode.INVALID_ARGUMENT, "must not be empty"),
         ({"texts": [b"\xff\xfe"]}, grpc.StatusCode.INVALID_ARGUMENT, "not valid UTF-8"),
         ({"texts": [b"x" * 1000] * 1100}, grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
     ],
 )
-def test_grpc_bad_requests(model_server: LocalServer, request_kwargs: dict, code: grpc.StatusCode, fragment: str) -> None:
+def test_grpc_bad_requests(
+    model_server: LocalServer, request_kwargs: dict, code: grpc.StatusCode, fragment: str
+) -> None:
     with pytest.raises(grpc.RpcError) as info:
         grpc_call(model_server.grpc_target, grpc_request(**request_kwargs))
     assert info.value.code() == code
@@ -197,7 +304,13 @@ def test_grpc_bad_requests(model_server: LocalServer, request_kwargs: dict, code
 
 
 def test_kserve_clients_unchanged(model_server: LocalServer, champion) -> None:  # type: ignore[no-untyped-def]
-    from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRequest, RESTConfig
+    from kserve import (
+        InferenceGRPCClient,
+        InferenceRESTClient,
+        InferInput,
+        InferRequest,
+        RESTConfig,
+    )
 
     async def both() -> tuple[list[str], list[str]]:
         tensor = InferInput("text", [3], "BYTES", TEXTS)
@@ -211,7 +324,9 @@ def test_kserve_clients_unchanged(model_server: LocalServer, champion) -> None: 
         async with InferenceGRPCClient(model_server.grpc_target, retries=2) as grpc_client:
             g = await grpc_client.infer(InferRequest(model_name="sentiment", infer_inputs=[tensor]))
         as_str = lambda a: [x.decode() if isinstance(x, bytes) else str(x) for x in a]  # noqa: E731
-        return as_str(r.get_output_by_name("label").as_numpy()), as_str(g.get_output_by_name("label").as_numpy())
+        return as_str(r.get_output_by_name("label").as_numpy()), as_str(
+            g.get_output_by_name("label").as_numpy()
+        )
 
     rest_labels, grpc_labels = asyncio.run(both())
     assert rest_labels == grpc_labels == pyfunc_labels(champion.model_uri)

@@ -30,7 +30,10 @@ def test_up_status_down_and_persistence(tmp_path: Path) -> None:
         server = json.loads(up.stdout)
         uri, pid = server["uri"], server["pid"]
         assert uri.startswith("http://127.0.0.1:") and pid_alive(pid)
-        assert server["backend_store_uri"].startswith("sqlite:///") and str(state.resolve()) in server["backend_store_uri"]
+        assert (
+            server["backend_store_uri"].startswith("sqlite:///")
+            and str(state.resolve()) in server["backend_store_uri"]
+        )
         recorded = json.loads((state / "mlflow" / "server.json").read_text())
         assert recorded["pid"] == pid and recorded["uri"] == uri
 
@@ -41,7 +44,9 @@ def test_up_status_down_and_persistence(tmp_path: Path) -> None:
         status = roost(state, "mlflow", "status", "--json")
         assert status.returncode == 0 and json.loads(status.stdout)["healthy"] is True
 
-        created = httpx.post(f"{uri}/api/2.0/mlflow/experiments/create", json={"name": "persisted"}, timeout=10)
+        created = httpx.post(
+            f"{uri}/api/2.0/mlflow/experiments/create", json={"name": "persisted"}, timeout=10
+        )
         assert created.status_code == 200, created.text
 
         down = roost(state, "mlflow", "down", "--json")

@@ -29,12 +29,23 @@ def unreachable() -> str:
 def test_help_lists_commands() -> None:
     code, out, _ = run("--help")
     assert code == 0
-    for command in ("train", "promote", "serve", "predict", "demo", "mlflow", "registry", "rollout"):
+    for command in (
+        "train",
+        "promote",
+        "serve",
+        "predict",
+        "demo",
+        "mlflow",
+        "registry",
+        "rollout",
+    ):
         assert command in out
 
 
 def test_missing_data_file(tmp_path: Path) -> None:
-    code, out, err = run("train", "--data", str(tmp_path / "missing.csv"), MLFLOW_TRACKING_URI=unreachable())
+    code, out, err = run(
+        "train", "--data", str(tmp_path / "missing.csv"), MLFLOW_TRACKING_URI=unreachable()
+    )
     assert code != 0
     assert "error:" in err and len(err.strip().splitlines()) == 1
     assert out == ""

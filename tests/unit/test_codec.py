@@ -82,11 +82,17 @@ def test_grpc_request() -> None:
             v2(InferInput("a", [1], "BYTES", ["x"]), InferInput("b", [1], "BYTES", ["y"])),
             "inputs: expected exactly one",
         ),
-        (v2(InferInput("text", [1], "FP32", [1.0])), r"inputs\[0\].datatype: expected BYTES, got FP32"),
+        (
+            v2(InferInput("text", [1], "FP32", [1.0])),
+            r"inputs\[0\].datatype: expected BYTES, got FP32",
+        ),
         (v2(InferInput("text", [3], "BYTES", ["a", "b"])), r"inputs\[0\].shape: \[3\] holds 3"),
         (v2(InferInput("text", [2, 2], "BYTES", ["a"] * 4)), r"inputs\[0\].shape: expected \[n\]"),
         (v2(InferInput("text", [0], "BYTES", [])), r"inputs\[0\].data: must not be empty"),
-        (v2(InferInput("text", [1], "BYTES", [b"\xff\xfe"])), r"inputs\[0\].data\[0\]: not valid UTF-8"),
+        (
+            v2(InferInput("text", [1], "BYTES", [b"\xff\xfe"])),
+            r"inputs\[0\].data\[0\]: not valid UTF-8",
+        ),
         (v2(InferInput("text", [1], "BYTES", [5])), r"inputs\[0\].data\[0\]: expected a string"),
     ],
 )
@@ -113,4 +119,6 @@ def test_encode_v2_outputs_and_unknown_requested_output() -> None:
 
 def test_encode_v1() -> None:
     body = codec.encode_v1(["n", "p"], ["p"], np.array([[0.25, 0.75]], dtype=np.float32))
-    assert body == {"predictions": [{"label": "p", "confidence": 0.75, "probabilities": {"n": 0.25, "p": 0.75}}]}
+    assert body == {
+        "predictions": [{"label": "p", "confidence": 0.75, "probabilities": {"n": 0.25, "p": 0.75}}]
+    }

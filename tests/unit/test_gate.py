@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from roost.registry import decide, parse_models_uri
 from roost.errors import NotFound
+from roost.registry import decide, parse_models_uri
 
 pytestmark = pytest.mark.unit
 

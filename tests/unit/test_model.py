@@ -34,7 +34,9 @@ def classifier() -> TextClassifier:
     torch.manual_seed(0)
     tok = Tokenizer.fit(["good movie", "bad movie", "fine day"], min_count=1)
     module = NGramBag(tok.size, 3, embed_dim=8, dropout=0.0)
-    return TextClassifier(tok, module, ["negative", "neutral", "positive"], "ngram", {"embed_dim": 8, "dropout": 0.0})
+    return TextClassifier(
+        tok, module, ["negative", "neutral", "positive"], "ngram", {"embed_dim": 8, "dropout": 0.0}
+    )
 
 
 def test_predict_proba_rows_sum_to_one() -> None:
