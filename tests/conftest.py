@@ -104,3 +104,37 @@ def model_server(
         yield server
     finally:
         server.stop()
+
+
+@dataclass(frozen=True)
+class S3Endpoint:
+    url: str
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint]:
+    """moto in server mode: a real HTTP S3 endpoint on a free loopback port."""
+    import sys
+
+    from roost import proc
+
+    port = proc.free_port()
+    server = proc.start_background(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        tmp_path_factory.mktemp("moto") / "moto.log",
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        proc.wait_http(url + "/moto-api/", timeout=60, proc=server, what="moto server")
+        yield S3Endpoint(
+            url,
+            {
+                "AWS_ENDPOINT_URL": url,
+                "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1",
+            },
+        )
+    finally:
+        server.stop()
