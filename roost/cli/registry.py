@@ -19,7 +19,7 @@ app.add_typer(alias_app, name="alias")
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 ModelOpt = Annotated[
     str | None,
-    typer.Option("--model", help="Registered model [default: sentiment].", show_default=False),
+    typer.Option("--model", help="Registered model (default: sentiment).", show_default=False),
 ]
 
 
@@ -27,12 +27,12 @@ def promote(
     ctx: typer.Context,
     run_id: Annotated[
         str | None,
-        typer.Option(help="Training run to register [default: the latest].", show_default=False),
+        typer.Option(help="Training run to register (default: the latest).", show_default=False),
     ] = None,
     to: Annotated[
         str | None,
         typer.Option(
-            help="Alias to move if the gate passes [default: champion].", show_default=False
+            help="Alias to move if the gate passes (default: champion).", show_default=False
         ),
     ] = None,
     metric: Annotated[
@@ -40,7 +40,7 @@ def promote(
     ] = None,
     min_improvement: Annotated[
         float | None,
-        typer.Option(help="Required gain over the champion [default: 0].", show_default=False),
+        typer.Option(help="Required gain over the champion (default: 0).", show_default=False),
     ] = None,
     model: ModelOpt = None,
     json_output: JsonFlag = False,

@@ -27,27 +27,27 @@ def serve(
     ] = None,
     model_name: Annotated[
         str | None,
-        typer.Option(help="Name on the endpoints [default: sentiment].", show_default=False),
+        typer.Option(help="Name on the endpoints (default: sentiment).", show_default=False),
     ] = None,
     http_port: Annotated[
-        int | None, typer.Option(help="REST port [default: 8080].", show_default=False)
+        int | None, typer.Option(help="REST port (default: 8080).", show_default=False)
     ] = None,
     grpc_port: Annotated[
-        int | None, typer.Option(help="gRPC port [default: 8081].", show_default=False)
+        int | None, typer.Option(help="gRPC port (default: 8081).", show_default=False)
     ] = None,
     model_version: Annotated[
         str | None,
         typer.Option(help="Version to report (a local directory has none).", show_default=False),
     ] = None,
     max_body_bytes: Annotated[
-        int | None, typer.Option(help="Request body limit [default: 1 MiB].", show_default=False)
+        int | None, typer.Option(help="Request body limit (default: 1 MiB).", show_default=False)
     ] = None,
     max_batch_size: Annotated[
-        int | None, typer.Option(help="Texts per forward pass [default: 64].", show_default=False)
+        int | None, typer.Option(help="Texts per forward pass (default: 64).", show_default=False)
     ] = None,
     max_batch_wait_ms: Annotated[
         float | None,
-        typer.Option(help="Batch fill wait under load [default: 2].", show_default=False),
+        typer.Option(help="Batch fill wait under load (default: 2).", show_default=False),
     ] = None,
 ) -> None:
     """Serve the model with KServe: REST v1 + v2 (Open Inference Protocol), gRPC v2, /metrics."""

@@ -21,29 +21,29 @@ def train(
         ),
     ] = None,
     text_column: Annotated[
-        str | None, typer.Option(help="Text column [default: text].", show_default=False)
+        str | None, typer.Option(help="Text column (default: text).", show_default=False)
     ] = None,
     label_column: Annotated[
-        str | None, typer.Option(help="Label column [default: sentiment].", show_default=False)
+        str | None, typer.Option(help="Label column (default: sentiment).", show_default=False)
     ] = None,
     epochs: Annotated[
-        int | None, typer.Option(help="Max epochs [default: 10].", show_default=False)
+        int | None, typer.Option(help="Max epochs (default: 10).", show_default=False)
     ] = None,
     batch_size: Annotated[
-        int | None, typer.Option(help="Batch size [default: 64].", show_default=False)
+        int | None, typer.Option(help="Batch size (default: 64).", show_default=False)
     ] = None,
     lr: Annotated[
-        float | None, typer.Option(help="Learning rate [default: 3e-3].", show_default=False)
+        float | None, typer.Option(help="Learning rate (default: 3e-3).", show_default=False)
     ] = None,
     seed: Annotated[
-        int | None, typer.Option(help="Training seed [default: 0].", show_default=False)
+        int | None, typer.Option(help="Training seed (default: 0).", show_default=False)
     ] = None,
     max_rows: Annotated[
         int | None,
         typer.Option(help="Train on a stratified sample of this many rows.", show_default=False),
     ] = None,
     device: Annotated[
-        str | None, typer.Option(help="auto, cpu or cuda [default: auto].", show_default=False)
+        str | None, typer.Option(help="auto, cpu or cuda (default: auto).", show_default=False)
     ] = None,
     checkpoint_dir: Annotated[
         str | None,
@@ -52,7 +52,7 @@ def train(
         ),
     ] = None,
     experiment: Annotated[
-        str | None, typer.Option(help="MLflow experiment [default: sentiment].", show_default=False)
+        str | None, typer.Option(help="MLflow experiment (default: sentiment).", show_default=False)
     ] = None,
     on: Annotated[
         str, typer.Option(help="Where to run: local (in-process) or k8s (a Job).")
