@@ -17,7 +17,7 @@ def demo(
     max_rows: Annotated[
         int | None, typer.Option(help="Train on a stratified sample (faster).", show_default=False)
     ] = None,
-    epochs: Annotated[int | None, typer.Option(help="Max epochs [default: 10].", show_default=False)] = None,
+    epochs: Annotated[int | None, typer.Option(help="Max epochs (default: 10).", show_default=False)] = None,
     keep_running: Annotated[
         bool, typer.Option(help="Leave MLflow and the model server running at the end.")
     ] = False,
