@@ -109,4 +109,4 @@ def serve(
         allowed_hosts=allowed_hosts,
     )
     console.print("exec: " + " ".join(argv))
-    os.execv(argv[0], argv)
+    os.execve(argv[0], argv, {**os.environ, **tracking.SERVER_ENV})
