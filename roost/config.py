@@ -121,10 +121,27 @@ class ServingSettings(_Section):
     max_body_bytes: int = Field(1 << 20, gt=0, description="Larger request bodies get HTTP 413.")
     max_batch_size: int = Field(64, gt=0, description="Texts per forward pass at most.")
     max_batch_wait_ms: float = Field(
-        2.0, ge=0, description="How long a batch waits for more requests."
+        2.0,
+        ge=0,
+        description="Longest wait of an idle worker for more requests (capped at the measured "
+        "fixed cost of a forward pass; 0: never wait).",
+    )
+    forward_budget_ms: float = Field(
+        10.0,
+        gt=0,
+        description="Largest forward time of one batch: the batch size is the biggest measured "
+        "size within it (and within max_batch_size).",
     )
     intra_op_threads: int | None = Field(
         None, gt=0, description="torch threads; default: the CPU limit of the pod or machine."
+    )
+    fast_path: bool = Field(
+        True,
+        description="Answer well-formed REST v1/v2 and gRPC inference requests without "
+        "FastAPI/pydantic; anything else takes KServe's full path (same answers and errors).",
+    )
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        "auto", description="Event loop of the server: auto picks uvloop when installed."
     )
 
 
@@ -185,6 +202,11 @@ class RolloutSettings(_Section):
     )
     proxy_grpc_port: int = Field(
         0, ge=0, le=65535, description="Local backend: gRPC port of the nginx proxy (0: free)."
+    )
+    storage_uri: str | None = Field(
+        None,
+        description="KServe backend: storageUri of a version, e.g. s3://bucket/{model}/{version}; "
+        "unset: the registry's download URI.",
     )
     nginx: str = Field("/usr/sbin/nginx", description="Local backend: the nginx binary.")
     server_start_timeout_s: float = Field(

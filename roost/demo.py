@@ -1,8 +1,13 @@
-"""The whole loop on one machine: MLflow -> train -> gate -> serve -> predict.
+"""The whole loop on one machine: MLflow -> train -> gate -> canary -> serve -> predict.
 
 Every stage calls the same functions as the individual commands (``roost mlflow up``,
-``roost train``, ``roost promote``, ``roost serve``, ``roost predict``); the demo only
-sequences them, times them and stops what it started.
+``roost train``, ``roost promote``, ``roost rollout start``, ``roost serve``, ``roost predict``);
+the demo only sequences them, times them and stops what it started.
+
+The first run on an empty store has no champion: the gated version becomes ``champion``. Later
+runs make it the ``challenger`` and canary it against the champion through the local backend
+(two model servers behind nginx) with short windows and traffic the demo generates itself,
+then serve whichever version is champion afterwards.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from roost import client, registry, tracking
+from roost import client, data, registry, tracking
 from roost.config import Settings
 from roost.serving import local
 from roost.train import TrainOutcome, TrainProgress, run_training
@@ -26,6 +31,11 @@ SAMPLE_TEXTS = [
     "The flight was delayed three hours and nobody told us anything.",
     "The meeting is scheduled for Tuesday at 10am.",
 ]
+
+
+# The demo's canary: short windows, enough generated traffic for a verdict at 10 %.
+DEMO_ROLLOUT = {"window_s": 8.0, "check_interval_s": 1.0, "min_requests": 20, "poll_s": 0.25}
+DEMO_TRAFFIC_RPS = 50.0
 
 
 @dataclass
@@ -107,12 +117,24 @@ def run_demo(
         report.test_accuracy = outcome.test.accuracy
         report.test_macro_f1 = outcome.test.macro_f1
 
-        with stage("promote", "registering and gating against the champion"):
-            result = registry.promote(settings, run_id=outcome.run_id)
+        cfg = settings.registry
+        reg = registry.Registry(report.tracking_uri, cfg.model_name)
+        champion = reg.version_for_alias(cfg.champion_alias)
+        target = cfg.challenger_alias if champion else cfg.champion_alias
+        with stage("promote", f"registering and gating against the champion (-> @{target})"):
+            result = registry.promote(settings, run_id=outcome.run_id, alias=target)
         report.version = result.version
         report.alias = result.alias
         report.gate_passed = result.decision.passed
         report.gate_reason = result.decision.reason
+
+        if champion and result.decision.passed:
+            message = f"canary of v{result.version} against champion v{champion} (nginx, local)"
+            with stage("canary", message):
+                report.rollout = run_canary(
+                    settings, report.tracking_uri, result.version, outcome.run_id, notify,
+                    keep_running,
+                )  # fmt: skip
 
         with stage("serve", "starting the KServe model server on loopback"):
             state_dir = settings.state_dir.resolve()
@@ -146,3 +168,88 @@ def run_demo(
         if report.started_tracking and not keep_running:
             tracking.down(settings)
     return report
+
+
+def run_canary(
+    settings: Settings,
+    tracking_uri: str,
+    version: str,
+    run_id: str,
+    notify: Notify,
+    keep_running: bool = False,
+) -> dict[str, Any]:
+    """Canary ``version`` through the local backend while sending it generated traffic."""
+    from roost.rollout import engine
+    from roost.rollout.backends.local import LocalBackend
+    from roost.rollout.controller import Controller
+    from roost.rollout.state import RolloutState
+    from roost.rollout.traffic import Traffic, first_answer_from, summary
+
+    canary_settings = settings.model_copy(
+        update={"rollout": settings.rollout.model_copy(update=DEMO_ROLLOUT)}
+    )
+    backend = LocalBackend(canary_settings, tracking_uri)
+
+    def on_event(state: RolloutState, event: dict[str, Any]) -> None:
+        line = _event_line(event)
+        if line:
+            notify(f"  {line}")
+
+    controller = Controller(
+        canary_settings, backend, on_event=on_event, notify=lambda m: log.info("%s", m)
+    )
+    previous = backend.load_state()
+    if previous is not None and not previous.terminal:
+        notify(f"an earlier rollout of v{previous.version} was left in flight: aborting it")
+        controller.request("abort", by="roost demo")
+    reg = registry.Registry(tracking_uri, settings.registry.model_name)
+    texts = [str(t) for t in reg.test_split(run_id)[data.TEXT].tolist()]
+    state = controller.start(version)
+    plan = state.plan
+    notify(plan.describe())
+    started = time.time()
+    traffic: Traffic | None = None
+    try:
+        controller.tick()  # first weight: servers and proxy come up
+        endpoint = backend.endpoint()
+        assert endpoint is not None
+        model_name = canary_settings.serving.model_name
+        traffic = Traffic(endpoint, model_name, texts, rps=DEMO_TRAFFIC_RPS).start()
+        final = controller.run(timeout=plan.min_promotion_s * 3 + 180)
+        answers = traffic.stop()
+    finally:
+        if traffic is not None:
+            traffic.stop()
+        if not keep_running:
+            backend.shutdown()
+    first = first_answer_from(answers, version, started)
+    return {
+        "id": final.id,
+        "version": final.version,
+        "champion_before": final.champion,
+        "outcome": final.phase.value,
+        "reason": final.history[-1].get("reason", "") if final.history else "",
+        "failure": final.failure,
+        "plan": plan.to_dict(),
+        "steps": engine.steps_table(final),
+        "traffic": summary(answers),
+        "first_canary_answer_s": None if first is None else round(first - started, 3),
+        "proxy": backend.describe() if keep_running else {},
+        "mlflow_run": final.run_id,
+    }
+
+
+def _event_line(event: dict[str, Any]) -> str | None:
+    kind, weight = event["event"], event.get("weight")
+    if kind == "weight":
+        return f"{weight}% of requests to the challenger"
+    if kind == "window":
+        requests = ((event.get("analysis") or {}).get("requests") or {}).get("challenger")
+        return f"window at {weight}% passed ({requests} canary requests)"
+    if kind == "check":
+        return f"check failed at {weight}%: {(event.get('analysis') or {}).get('reason', '')}"
+    if kind in ("promoted", "rolled_back"):
+        return f"{kind.replace('_', ' ')}: {event.get('reason', '')}"
+    if kind == "hold":
+        return f"holding {weight}%: {event.get('reason')}"
+    return None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -17,13 +17,17 @@ def demo(
     max_rows: Annotated[
         int | None, typer.Option(help="Train on a stratified sample (faster).", show_default=False)
     ] = None,
-    epochs: Annotated[int | None, typer.Option(help="Max epochs (default: 10).", show_default=False)] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="Max epochs (default: 10).", show_default=False)
+    ] = None,
     keep_running: Annotated[
         bool, typer.Option(help="Leave MLflow and the model server running at the end.")
     ] = False,
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document on stdout.")
+    ] = False,
 ) -> None:
-    """Run MLflow, train, gate, serve and predict on this machine (loopback only)."""
+    """Run MLflow, train, gate, canary, serve and predict on this machine (loopback only)."""
     settings = state(ctx).settings(**{"data.max_rows": max_rows, "train.epochs": epochs})
 
     def notify(message: str) -> None:
@@ -46,7 +50,10 @@ def render(report: DemoReport) -> None:
         f"test split     accuracy {report.test_accuracy:.4f} | macro-F1 {report.test_macro_f1:.4f}"
     )
     verdict = "passed" if report.gate_passed else "refused"
-    console.print(f"registry       {report.model} v{report.version} -> @{report.alias} (gate {verdict}: {report.gate_reason})")
+    console.print(
+        f"registry       {report.model} v{report.version} -> @{report.alias} "
+        f"(gate {verdict}: {report.gate_reason})"
+    )
     console.print(f"champion       {report.model} v{report.champion_version}")
     for name, url in report.endpoints.items():
         console.print(f"{name:<14} {url}")
@@ -62,6 +69,8 @@ def render(report: DemoReport) -> None:
         ]
         table.add_row(row["text"], *cells)
     console.print(table)
+    if report.rollout is not None:
+        render_rollout(report.rollout)
     timing = Table(title="stage wall time")
     timing.add_column("stage")
     timing.add_column("seconds", justify="right")
@@ -71,3 +80,22 @@ def render(report: DemoReport) -> None:
     console.print(timing)
     if report.started_tracking:
         console.print("MLflow was stopped; `roost mlflow up` brings the same store back.")
+
+
+def render_rollout(rollout: dict[str, Any]) -> None:
+    """The canary's step table (the same one `roost rollout status` prints)."""
+    from roost.cli.rollout import print_table, steps_table
+
+    title = (
+        f"canary of v{rollout['version']} against v{rollout['champion_before']}: "
+        f"{rollout['outcome']}"
+    )
+    print_table(steps_table(rollout["steps"], title))
+    traffic = rollout["traffic"]
+    first = rollout.get("first_canary_answer_s")
+    console.print(
+        f"generated traffic: {traffic['requests']} requests, {traffic['failed']} failed; "
+        f"first canary answer {first if first is not None else '-'}s after the rollout started"
+    )
+    if rollout["outcome"] != "promoted":
+        console.print(f"[yellow]not promoted:[/] {rollout['reason']}")
