@@ -9,10 +9,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
+import orjson
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
@@ -22,7 +23,7 @@ PROBS_OUTPUT = "probabilities"
 CONFIDENCE_OUTPUT = "confidence"
 
 
-class Protocol(str, Enum):
+class Protocol(StrEnum):
     REST_V1 = "rest-v1"
     REST_V2 = "rest-v2"
     GRPC_V2 = "grpc-v2"
@@ -118,7 +119,9 @@ def _flatten_values(tensor: Any) -> list[Any]:
         try:
             return list(tensor.as_numpy().reshape(-1))
         except (ValueError, InvalidInput) as exc:
-            raise InvalidInput(f"inputs[0].data: cannot decode binary BYTES tensor ({exc})") from None
+            raise InvalidInput(
+                f"inputs[0].data: cannot decode binary BYTES tensor ({exc})"
+            ) from None
     data = tensor.data
     if data is None:
         raise InvalidInput("inputs[0].data: field required")
@@ -174,11 +177,18 @@ def encode_v2(
     """
     request = decoded.request
     n, classes = proba.shape
-    outputs = [
-        InferOutput(LABEL_OUTPUT, [n], "BYTES", data=np.asarray(names, dtype=object)),
-        InferOutput(PROBS_OUTPUT, [n, classes], "FP32", data=proba.astype(np.float32)),
-        InferOutput(CONFIDENCE_OUTPUT, [n], "FP32", data=proba.max(axis=1).astype(np.float32)),
-    ]
+    binary = bool(request is not None and request.use_binary_outputs)
+    outputs = []
+    for name, shape, datatype, array in (
+        (LABEL_OUTPUT, [n], "BYTES", np.asarray(names, dtype=object)),
+        (PROBS_OUTPUT, [n, classes], "FP32", proba.astype(np.float32)),
+        (CONFIDENCE_OUTPUT, [n], "FP32", proba.max(axis=1).astype(np.float32)),
+    ):
+        tensor = InferOutput(name, shape, datatype)
+        # Serialise now: KServe's to_grpc cannot take numpy data when raw outputs are asked for
+        # (e.g. tritonclient's gRPC requests, which send raw_input_contents).
+        tensor.set_data_from_numpy(array, binary_data=binary)
+        outputs.append(tensor)
     known = {o.name for o in outputs}
     if request is not None and request.request_outputs:
         for wanted in request.request_outputs:
@@ -208,3 +218,150 @@ def output_types(num_classes: int) -> list[dict[str, Any]]:
         {"name": PROBS_OUTPUT, "datatype": "FP32", "shape": [-1, num_classes]},
         {"name": CONFIDENCE_OUTPUT, "datatype": "FP32", "shape": [-1]},
     ]
+
+
+# -- the fast path: plain requests straight from JSON or protobuf ---------------------------
+# These accept only the common, well-formed shape of a request and return None for anything
+# else (extra fields, parameters, requested outputs, binary data, any error); the caller then
+# takes KServe's full path, whose answers and error messages stay the reference.
+
+_V2_REQUEST_KEYS = frozenset({"id", "inputs"})
+_V2_INPUT_KEYS = frozenset({"name", "shape", "datatype", "data"})
+
+
+def plain_v2(body: Any) -> tuple[list[str], str] | None:
+    """(texts, request id) of a plain REST v2 request (one BYTES input of strings)."""
+    if type(body) is not dict or not body.keys() <= _V2_REQUEST_KEYS:
+        return None
+    request_id = body.get("id")
+    if request_id is not None and type(request_id) is not str:
+        return None
+    inputs = body.get("inputs")
+    if type(inputs) is not list or len(inputs) != 1:
+        return None
+    tensor = inputs[0]
+    if type(tensor) is not dict or tensor.keys() != _V2_INPUT_KEYS:
+        return None
+    if type(tensor["name"]) is not str or tensor["datatype"] != "BYTES":
+        return None
+    shape, data = tensor["shape"], tensor["data"]
+    if type(data) is not list or not _plain_shape(shape):
+        return None
+    texts = data
+    if len(shape) == 2 and any(type(x) is list for x in data):  # [[text], [text], ...]
+        texts = [y for x in data for y in (x if type(x) is list else (x,))]
+    if len(texts) != math.prod(shape) or not texts:
+        return None
+    if not all(type(t) is str for t in texts):
+        return None
+    return texts, request_id or ""
+
+
+def _plain_shape(shape: Any) -> bool:
+    if type(shape) is not list or not 1 <= len(shape) <= 2:
+        return False
+    if not all(type(d) is int and d >= 0 for d in shape):
+        return False
+    return len(shape) == 1 or shape[1] == 1
+
+
+def plain_v1(body: Any) -> list[str] | None:
+    """Texts of a plain REST v1 request (``instances``: strings or ``{"text": ...}``)."""
+    if type(body) is not dict or body.keys() != {"instances"}:
+        return None
+    instances = body["instances"]
+    if type(instances) is not list or not instances:
+        return None
+    texts = []
+    for item in instances:
+        if type(item) is dict:
+            item = item.get(TEXT_INPUT)
+        if type(item) is not str:
+            return None
+        texts.append(item)
+    return texts
+
+
+def plain_grpc(request: Any, model_name: str) -> list[str] | None:
+    """Texts of a plain gRPC ``ModelInferRequest`` for ``model_name`` (bytes_contents)."""
+    if (
+        request.model_name != model_name
+        or request.model_version
+        or len(request.inputs) != 1
+        or request.raw_input_contents
+        or request.outputs
+        or request.parameters
+    ):
+        return None
+    tensor = request.inputs[0]
+    if tensor.datatype != "BYTES" or tensor.parameters or not _plain_shape(list(tensor.shape)):
+        return None
+    values = tensor.contents.bytes_contents
+    if not values or len(values) != math.prod(tensor.shape):
+        return None
+    try:
+        return [v.decode("utf-8") for v in values]
+    except UnicodeDecodeError:
+        return None
+
+
+def v2_json(
+    model_name: str,
+    model_version: str | None,
+    request_id: str,
+    labels: Sequence[str],
+    names: Sequence[str],
+    proba: np.ndarray,
+) -> bytes:
+    """The REST v2 answer of :func:`encode_v2` (same fields, order and float values) as JSON."""
+    n, classes = proba.shape
+    return orjson.dumps(
+        {
+            "model_name": model_name,
+            "model_version": model_version,
+            "id": request_id,
+            "parameters": {"labels": ",".join(labels)},
+            "outputs": [
+                {"name": LABEL_OUTPUT, "shape": [n], "datatype": "BYTES", "parameters": None,
+                 "data": list(names)},
+                {"name": PROBS_OUTPUT, "shape": [n, classes], "datatype": "FP32",
+                 "parameters": None, "data": proba.reshape(-1).tolist()},
+                {"name": CONFIDENCE_OUTPUT, "shape": [n], "datatype": "FP32", "parameters": None,
+                 "data": proba.max(axis=1).tolist()},
+            ],
+        }
+    )  # fmt: skip
+
+
+def v1_json(labels: Sequence[str], names: Sequence[str], proba: np.ndarray) -> bytes:
+    return orjson.dumps(encode_v1(labels, names, proba))
+
+
+def grpc_response(
+    model_name: str,
+    model_version: str | None,
+    request_id: str,
+    labels: Sequence[str],
+    names: Sequence[str],
+    proba: np.ndarray,
+) -> Any:
+    """The gRPC answer of :func:`encode_v2` for a plain request, built directly as protobuf."""
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+
+    n, classes = proba.shape
+    tensor = pb.ModelInferResponse.InferOutputTensor
+    contents = pb.InferTensorContents
+    return pb.ModelInferResponse(
+        model_name=model_name,
+        model_version=model_version or "",
+        id=request_id,
+        parameters={"labels": pb.InferParameter(string_param=",".join(labels))},
+        outputs=[
+            tensor(name=LABEL_OUTPUT, datatype="BYTES", shape=[n],
+                   contents=contents(bytes_contents=[x.encode() for x in names])),
+            tensor(name=PROBS_OUTPUT, datatype="FP32", shape=[n, classes],
+                   contents=contents(fp32_contents=proba.reshape(-1).tolist())),
+            tensor(name=CONFIDENCE_OUTPUT, datatype="FP32", shape=[n],
+                   contents=contents(fp32_contents=proba.max(axis=1).tolist())),
+        ],
+    )  # fmt: skip

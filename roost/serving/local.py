@@ -1,7 +1,8 @@
-"""Run ``roost serve`` as a local background process on loopback ports.
+"""Run the model server as a local background process on loopback ports.
 
 The demo, the local rollout backend, the benchmark and the tests start model servers
-through this one function, with the same entry point a pod runs.
+through this one function, with the entry point a pod runs: ``python -m roost.serving``
+(``roost serve``'s flags and server, without the CLI's imports).
 """
 
 from __future__ import annotations
@@ -56,12 +57,12 @@ def start(
     env: dict[str, str] | None = None,
     extra_args: list[str] | None = None,
 ) -> LocalServer:
-    """Start ``roost serve`` for ``model_uri`` in the background; call ``wait_ready`` next."""
+    """Start the model server for ``model_uri`` in the background; call ``wait_ready`` next."""
     name = name or settings.serving.model_name
     http_port = http_port or proc.free_port()
     grpc_port = grpc_port or proc.free_port()
     argv = [
-        sys.executable, "-m", "roost", "--log-format", "json", "serve",
+        sys.executable, "-m", "roost.serving", "--log-format", "json",
         "--model-uri", model_uri,
         "--model-name", name,
         "--http-port", str(http_port),

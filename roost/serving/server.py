@@ -7,6 +7,7 @@ without a JSON ``error``), and roost's own Prometheus metrics on the same ``/met
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Any
 
@@ -14,6 +15,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import ORJSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from roost.config import Settings
@@ -100,33 +102,49 @@ async def validation_error(_: Request, exc: Exception) -> ORJSONResponse:
     return ORJSONResponse({"error": "; ".join(messages)}, status_code=400)
 
 
+async def http_error(_: Request, exc: Exception) -> ORJSONResponse:
+    """Starlette/FastAPI HTTP errors (unparseable body, unknown route) as ``{"error": ...}``."""
+    assert isinstance(exc, StarletteHTTPException)
+    detail = str(exc.detail)
+    if exc.status_code == 400 and "parsing the body" in detail:
+        detail = "request body: not valid UTF-8 JSON"
+    return ORJSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)
+
+
 def prepare_app(app: FastAPI, settings: Settings) -> None:
     """Add roost's middleware and handlers to KServe's app (before it starts)."""
     app.add_middleware(BodyLimit, limit=settings.serving.max_body_bytes)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
 
 
 def serve(settings: Settings) -> None:
     """Load the model and run the KServe ModelServer until SIGTERM/SIGINT."""
     # kserve parses sys.argv when imported; import it only when serving.
-    import kserve
     from kserve import model_server
 
     from roost.serving.predictor import SentimentModel
+    from roost.serving.runner import RoostModelServer
 
     cfg = settings.serving
     model = SentimentModel(cfg.model_name, cfg.model_uri, settings)
     model.load()
+    # Modules and the model live as long as the process: keep them out of every future
+    # collection, and collect again (python -m roost.serving starts with the collector off).
+    gc.freeze()
+    gc.enable()
     model_server.args.grpc_max_receive_message_length = cfg.max_body_bytes
     prepare_app(model_server.app, settings)
-    server = kserve.ModelServer(
+    server = RoostModelServer(
+        model,
+        settings,
         http_port=cfg.http_port,
         grpc_port=cfg.grpc_port,
         enable_docs_url=False,
         enable_latency_logging=False,
     )
     log.info(
-        "serving model=%s version=%s http=%d grpc=%d",
-        cfg.model_name, model.version, cfg.http_port, cfg.grpc_port,
+        "serving model=%s version=%s http=%d grpc=%d fast_path=%s",
+        cfg.model_name, model.version, cfg.http_port, cfg.grpc_port, cfg.fast_path,
     )  # fmt: skip
     server.start([model])
