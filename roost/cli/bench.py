@@ -1,3 +1,167 @@
 """``roost bench``: roost vs TorchServe vs the raw model, measured in one run."""
 
 from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from roost.cli.app import state
+from roost.cli.output import console, emit_json
+from roost.config import Settings
+
+app = typer.Typer(
+    help="Benchmark serving (roost vs TorchServe vs the raw model) and export for TorchServe.",
+)
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+VersionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--version", help="Registry version (default: the champion alias).", show_default=False
+    ),
+]
+AliasOpt = Annotated[
+    str | None,
+    typer.Option(help="Registry alias, if no --version (default: champion).", show_default=False),
+]
+
+
+def model_uri(settings: Settings, version: str | None, alias: str | None) -> str:
+    name = settings.registry.model_name
+    if version:
+        return f"models:/{name}/{version}"
+    return f"models:/{name}@{alias or settings.registry.champion_alias}"
+
+
+@app.callback(
+    invoke_without_command=True,
+    epilog="Example: roost bench --quick --out bench-out  (then open bench-out/bench.md)",
+)
+def bench(
+    ctx: typer.Context,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Short ladders, one TorchServe config (~1 min).")
+    ] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Output directory (default: bench-out).", show_default=False),
+    ] = None,
+    version: VersionOpt = None,
+    alias: AliasOpt = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """Load roost's predictor and TorchServe on loopback with the same model version."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from roost.bench import report, run
+
+    settings = state(ctx).settings(**{"bench.out_dir": out})
+    out_dir = settings.bench.out_dir
+    progress = (lambda message: None) if json_output else _progress
+    result = run.run(
+        settings, out_dir, quick, model_uri(settings, version, alias), progress=progress
+    )
+    flags = ["--quick"] if quick else []
+    flags += ["--out", str(out_dir)]
+    flags += ["--version", version] if version else (["--alias", alias] if alias else [])
+    paths = report.write(result, out_dir, "roost bench " + shlex.join(flags))
+    if json_output:
+        emit_json(result)
+        return
+    _summary(result)
+    console.print(f"wrote {paths['json']}, {paths['table']}, {paths['plot']}")
+
+
+@app.command("export-torchserve")
+def export_torchserve(
+    ctx: typer.Context,
+    out: Annotated[
+        Path, typer.Option(help="Directory for config/ and model-store/ (KServe's layout).")
+    ],
+    version: VersionOpt = None,
+    alias: AliasOpt = None,
+    workers: Annotated[int, typer.Option(help="TorchServe workers (min = max).")] = 2,
+    batch_size: Annotated[int | None, typer.Option(help="TorchServe batchSize.")] = None,
+    max_batch_delay_ms: Annotated[
+        int | None, typer.Option(help="TorchServe maxBatchDelay (ms).")
+    ] = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """Export a registry version for TorchServe: config/config.properties + model-store/*.mar."""
+    from roost import registry
+    from roost.bench import torchserve
+
+    settings = state(ctx).settings()
+    model = registry.fetch_model(settings, model_uri(settings, version, alias))
+    name = model.name or settings.registry.model_name
+    tuning = torchserve.Tuning(
+        workers=workers,
+        batch_size=batch_size or settings.bench.torchserve_batch_size,
+        max_batch_delay_ms=(
+            settings.bench.torchserve_max_batch_delay_ms
+            if max_batch_delay_ms is None
+            else max_batch_delay_ms
+        ),
+    )
+    export = torchserve.export(model.path, out, name, model.version or "1", tuning)
+    if json_output:
+        emit_json(export.to_dict())
+        return
+    console.print(
+        f"{name} v{export.model_version}: {export.mar} and {export.config}\n"
+        f"storageUri: the directory {export.root} (modelFormat pytorch, protocol v1)"
+    )
+
+
+@app.command("profile")
+def profile(
+    ctx: typer.Context,
+    out: Annotated[
+        Path, typer.Option(help="Directory for the summary (samples go to state_dir/bench).")
+    ],
+    rate: Annotated[float, typer.Option(help="Open-loop load, requests/s.")] = 10000.0,
+    protocol: Annotated[str, typer.Option(help="rest-v2 or grpc-v2.")] = "rest-v2",
+    seconds: Annotated[float, typer.Option(help="Seconds of load while sampling.")] = 5.0,
+    version: VersionOpt = None,
+    alias: AliasOpt = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """Profile roost's server under load with py-spy --gil: GIL microseconds per request."""
+    if protocol not in ("rest-v2", "grpc-v2"):
+        raise typer.BadParameter("expected rest-v2 or grpc-v2", param_hint="--protocol")
+    from roost.bench import profile as bench_profile
+
+    settings = state(ctx).settings()
+    result = bench_profile.run(
+        settings, model_uri(settings, version, alias), out, protocol, rate, seconds
+    )
+    if json_output:
+        emit_json(result.to_dict())
+        return
+    console.print(result.text(), markup=False)
+
+
+def _progress(message: str) -> None:
+    console.print(message, markup=False)
+
+
+def _summary(result: dict[str, Any]) -> None:
+    slo = result["slo_p99_ms"]
+    table = Table(title=f"{result['model_name']} v{result['model_version']} ({result['mode']})")
+    for column in ("server", "protocol", "texts/req", f"req/s @ p99≤{slo:g}ms", "cold start s"):
+        table.add_column(column)
+    for s in result["servers"]:
+        table.add_row(
+            s["name"], s["protocol"], str(s["texts_per_request"]),
+            f"{s['max_rps_p99_50ms']:.0f}", f"{s['cold_start_s']:.2f}",
+        )  # fmt: skip
+    raw = result["raw_forward"]
+    table.add_row("raw forward", "-", str(raw["batch_size"]), f"{raw['max_seq_per_s']:.0f}", "-")
+    console.print(table)
+    for key, target in result["targets"].items():
+        verdict = "met" if target["met"] else "NOT met"
+        console.print(f"{key}: {target['value']} (target {target['target']}, {verdict})")

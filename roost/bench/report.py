@@ -1,0 +1,134 @@
+"""bench.json, a markdown table and a latency-vs-throughput plot from one run's results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+JSON_NAME = "bench.json"
+TABLE_NAME = "bench.md"
+PLOT_NAME = "bench.png"
+
+
+def write(result: dict[str, Any], out: Path, command: str) -> dict[str, Path]:
+    """Write the three reports under ``out``; returns their paths by kind."""
+    out.mkdir(parents=True, exist_ok=True)
+    result = {**result, "command": command}
+    paths = {"json": out / JSON_NAME, "table": out / TABLE_NAME, "plot": out / PLOT_NAME}
+    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
+    paths["table"].write_text(markdown(result))
+    plot(result, paths["plot"])
+    return paths
+
+
+def _label(server: dict[str, Any]) -> str:
+    shape = server["texts_per_request"]
+    suffix = f" x{shape}" if shape != 1 else ""
+    return f"{server['name']} {server['protocol']}{suffix}"
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The summary table, the targets, and each ladder (rate: p50/p99/p99.9, errors)."""
+    slo = result["slo_p99_ms"]
+    raw = result["raw_forward"]
+    machine = result["machine"]
+    lines = [
+        f"`{result.get('command', 'roost bench')}` — {result['mode']} run, model "
+        f"{result['model_name']} v{result['model_version']}, commit `{result['commit'][:12]}`, "
+        f"{machine['cpus']} CPUs ({machine['cpu_model'] or 'unknown'}), load average "
+        f"{machine['load_avg_before'][0]} before / {machine['load_avg_after'][0]} after.",
+        "",
+        f"| server | protocol | texts/req | max req/s (p99 ≤ {slo:g} ms) | texts/s | "
+        "p50 / p99 / p99.9 ms at max | errors | CPU s / 1k req | peak RSS MB | cold start s |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for s in result["servers"]:
+        at = s["at_max"] or {}
+        errors = sum(step["errors"] for step in s["ladder"] if step["passed"])
+        lines.append(
+            f"| {s['name']} | {s['protocol']} | {s['texts_per_request']} | "
+            f"{_fmt(s['max_rps_p99_50ms'], 0)} | {_fmt(s['max_seq_per_s_p99_50ms'], 0)} | "
+            f"{_fmt(at.get('p50_ms'), 2)} / {_fmt(at.get('p99_ms'), 2)} / "
+            f"{_fmt(at.get('p999_ms'), 2)} | {errors} | {_fmt(s['cpu_s_per_1k'], 3)} | "
+            f"{_fmt(s['peak_rss_mb'], 0)} | {_fmt(s['cold_start_s'], 2)} |"
+        )
+    lines.append(
+        f"| raw forward (in-process) | - | {raw['batch_size']} | - | "
+        f"{_fmt(raw['max_seq_per_s'], 0)} | - | - | - | - | - |"
+    )
+    lines += ["", "Targets (this run):", ""]
+    names = {
+        "roost_vs_torchserve": "roost REST v2 / TorchServe REST, max req/s",
+        "roost_vs_raw": "roost REST v2 (1 text/req) / raw forward, texts/s",
+        "cold_start": "roost cold start (process start → ready, model directory), s",
+    }
+    for key, target in result.get("targets", {}).items():
+        extra = ""
+        if key == "roost_vs_raw":
+            extra = (
+                f"; with {target['best_texts_per_request']} texts/req: "
+                f"{target['value_best_request_shape']}"
+            )
+        verdict = "met" if target["met"] else "not met"
+        lines.append(
+            f"- {names.get(key, key)}: **{target['value']}** (target {target['target']}, "
+            f"{verdict}{extra})"
+        )
+    if result.get("cold_start_models_uri_s") is not None:
+        lines.append(
+            f"- roost cold start from `models:/` with an empty cache: "
+            f"{result['cold_start_models_uri_s']} s"
+        )
+    lines += ["", "Ladders (offered req/s: p50 / p99 / p99.9 ms, errors):", ""]
+    for s in result["servers"]:
+        steps = ", ".join(
+            f"{step['rate']:g}: {_fmt(step['p50_ms'], 1)}/{_fmt(step['p99_ms'], 1)}/"
+            f"{_fmt(step['p999_ms'], 1)}" + (f" e{step['errors']}" if step["errors"] else "")
+            for step in s["ladder"]
+        )
+        lines.append(f"- {_label(s)}: {steps}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """p50 (dashed) and p99 (solid) latency against achieved throughput, log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=100)
+    slo = result["slo_p99_ms"]
+    for server in result["servers"]:
+        steps = sorted(
+            (s for s in server["ladder"] if s["p99_ms"] is not None), key=lambda s: s["rate"]
+        )
+        if not steps:
+            continue
+        x = [s["achieved_rps"] * server["texts_per_request"] for s in steps]
+        (line,) = ax.plot(x, [s["p99_ms"] for s in steps], marker="o", ms=3, label=_label(server))
+        ax.plot(x, [s["p50_ms"] for s in steps], ls="--", lw=0.8, color=line.get_color())
+    ax.axhline(slo, color="grey", lw=0.8, ls=":")
+    ax.text(0.99, slo * 1.08, f"p99 objective {slo:g} ms", fontsize=8, ha="right",
+            transform=ax.get_yaxis_transform())  # fmt: skip
+    raw = result["raw_forward"]["max_seq_per_s"]
+    ax.axvline(raw, color="black", lw=0.8, ls="-.", label="raw forward (texts/s)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("throughput (texts/s; = req/s at 1 text per request)")
+    ax.set_ylabel("latency, ms (solid p99, dashed p50)")
+    ax.set_title(
+        f"{result['model_name']} v{result['model_version']} on {result['machine']['cpus']} CPUs "
+        f"({result['mode']} run)",
+        fontsize=10,
+    )
+    ax.grid(True, which="both", lw=0.3, alpha=0.5)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,98 @@
+"""`roost bench --quick`: real roost and TorchServe servers under real load on loopback.
+
+Asserts the shape of bench.json and that every answer agreed with the reference model;
+speed is what the benchmark reports, never what a test asserts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from roost.config import Settings
+
+pytestmark = pytest.mark.integration
+
+STEP_KEYS = {"rate", "achieved_rps", "p50_ms", "p99_ms", "p999_ms", "errors", "wrong",
+             "requests", "cpu_s_per_1k", "client_lag_ms", "passed", "first_error"}  # fmt: skip
+SERVER_KEYS = {"name", "protocol", "texts_per_request", "max_rps_p99_50ms",
+               "max_seq_per_s_p99_50ms", "cold_start_s", "cold_starts_s", "peak_rss_mb",
+               "cpu_s_per_1k", "at_max", "correctness", "config", "ladder"}  # fmt: skip
+
+
+def roost(settings: Settings, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": str(settings.tracking.uri)}
+    return subprocess.run(
+        [sys.executable, "-m", "roost", "--state-dir", str(settings.state_dir), *args],
+        capture_output=True, text=True, timeout=timeout, env=env, check=False,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def quick_bench(
+    settings: Settings, champion: Any, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[dict[str, Any], Path]:
+    out = tmp_path_factory.mktemp("bench")
+    result = roost(settings, "bench", "--quick", "--out", str(out), "--json", timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout), out
+
+
+def test_bench_json_shape(quick_bench: tuple[dict[str, Any], Path], champion: Any) -> None:
+    doc, out = quick_bench
+    assert json.loads((out / "bench.json").read_text())["servers"] == doc["servers"]
+    assert (out / "bench.md").read_text().startswith("`roost bench --quick")
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert doc["machine"]["cpus"] >= 1 and doc["commit"]
+    assert doc["model_version"] == champion.version
+    assert {"torch", "kserve", "torchserve"} <= set(doc["libraries"])
+    raw = doc["raw_forward"]
+    assert raw["max_seq_per_s"] > 0 and raw["batch_size"] >= 1
+    pairs = {(s["name"], s["protocol"]) for s in doc["servers"]}
+    assert {("roost", "rest-v2"), ("roost", "grpc-v2"), ("torchserve", "rest")} <= pairs
+    for server in doc["servers"]:
+        assert set(server) >= SERVER_KEYS
+        assert server["cold_start_s"] > 0 and server["peak_rss_mb"] > 0
+        assert server["ladder"], server["name"]
+        for step in server["ladder"]:
+            assert set(step) >= STEP_KEYS
+            assert step["requests"] >= 1
+    assert {"roost_vs_torchserve", "roost_vs_raw", "cold_start"} <= set(doc["targets"])
+
+
+def test_every_answer_matches_the_reference_model(
+    quick_bench: tuple[dict[str, Any], Path],
+) -> None:
+    doc, _ = quick_bench
+    for server in doc["servers"]:
+        check = server["correctness"]
+        assert check["checked"] >= 50
+        assert (check["answered"], check["wrong"], check["errors"]) == (check["checked"], 0, 0), (
+            server["name"], server["protocol"], check["first_error"],
+        )  # fmt: skip
+        # Under load too: answers may be late or missing past saturation, never wrong.
+        assert sum(step["wrong"] for step in server["ladder"]) == 0, server["ladder"]
+
+
+def test_export_torchserve_layout(settings: Settings, champion: Any, tmp_path: Path) -> None:
+    result = roost(
+        settings, "bench", "export-torchserve", "--version", champion.version,
+        "--out", str(tmp_path), "--json", timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["model_version"] == champion.version
+    props = (tmp_path / "config" / "config.properties").read_text()
+    assert "model_store=/mnt/models/model-store" in props
+    assert '"marName":"sentiment.mar"' in props
+    with zipfile.ZipFile(tmp_path / "model-store" / "sentiment.mar") as mar:
+        names = set(mar.namelist())
+    shipped = {"roost_handler.py", "roost_kernel.py", "roost_model.py", "roost_tokenizer.py"}
+    model_files = {"classifier.json", "vocab.json", "weights.pt", "MAR-INF/MANIFEST.json"}
+    assert shipped | model_files <= names
