@@ -89,10 +89,18 @@ apt-deps: ## Install Debian packages the tests use (nginx for the local canary p
 	  fi; }
 
 .PHONY: lint
-lint: venv ## ruff, yamllint and hadolint.
+lint: venv ## ruff, mypy, yamllint, hadolint and shellcheck.
 	@echo ">> ruff"
 	$(VENV)/bin/ruff check roost tests
 	$(VENV)/bin/ruff format --check roost tests
+	@echo ">> mypy --strict"
+	$(VENV)/bin/mypy roost
+	@echo ">> yamllint"
+	$(VENV)/bin/yamllint --strict .
+	@echo ">> hadolint"
+	$(VENV)/bin/hadolint --config .hadolint.yaml training/Dockerfile serving/Dockerfile mlflow/Dockerfile
+	@echo ">> shellcheck"
+	$(VENV)/bin/shellcheck manifests/*.sh manifests/*/*.sh
 
 .PHONY: fmt
 fmt: venv ## Format the code with ruff.
@@ -102,6 +110,156 @@ fmt: venv ## Format the code with ruff.
 .PHONY: typecheck
 typecheck: venv ## mypy --strict on roost/.
 	$(VENV)/bin/mypy roost
+
+##@ Cluster
+
+# ---- cluster knobs (pinned to what KServe v0.20.0 is tested with) -------------------------
+KIND_VERSION             ?= v0.30.0
+KIND_CLUSTER             ?= roost
+# Empty: the node image kind $(KIND_VERSION) defaults to.
+KIND_NODE_IMAGE          ?=
+CERT_MANAGER_VERSION     ?= v1.17.0
+KNATIVE_OPERATOR_VERSION ?= v1.21.1
+KNATIVE_SERVING_VERSION  ?= 1.21.1
+KSERVE_VERSION           ?= v0.20.0
+EKSCTL_VERSION           ?= 0.215.0
+HELM_VERSION             ?= v3.16.3
+CONTAINER_TOOL           ?= docker
+NAMESPACE                ?= roost
+RELEASE                  ?= roost
+IMG_REGISTRY             ?=
+IMG_TAG                  ?= dev
+VALUES                   ?= charts/roost/values-kind.yaml
+EKS_CONFIG               ?= manifests/eks/cluster.yaml
+AWS_REGION               ?= us-east-1
+BUCKET                   ?=
+DEMO_EPOCHS              ?= 3
+IMG_PREFIX := $(if $(IMG_REGISTRY),$(IMG_REGISTRY)/,)
+IMAGES     := training serving mlflow
+STACK_ENV  := CERT_MANAGER_VERSION=$(CERT_MANAGER_VERSION) KNATIVE_OPERATOR_VERSION=$(KNATIVE_OPERATOR_VERSION) \
+              KNATIVE_SERVING_VERSION=$(KNATIVE_SERVING_VERSION) KSERVE_VERSION=$(KSERVE_VERSION)
+
+# $(call require,TOOL,where to get it): fail with one readable line when TOOL is missing.
+define require
+@command -v $(1) >/dev/null 2>&1 || { echo "$(1) not found: install $(2)"; exit 1; }
+endef
+
+.PHONY: kind-up
+kind-up: ## Create the kind cluster, install cert-manager + Knative + KServe, build and load the images, install the chart.
+	$(call require,$(CONTAINER_TOOL),Docker (https://docs.docker.com/engine/install/))
+	$(call require,kind,kind $(KIND_VERSION) (https://kind.sigs.k8s.io/docs/user/quick-start/))
+	$(call require,kubectl,kubectl (https://kubernetes.io/docs/tasks/tools/))
+	$(call require,helm,Helm $(HELM_VERSION) or newer (https://helm.sh/docs/intro/install/))
+	@$(CONTAINER_TOOL) info >/dev/null 2>&1 || { echo "$(CONTAINER_TOOL) is installed but its daemon does not answer: start it"; exit 1; }
+	@kind version | grep -q "$(KIND_VERSION) " || echo "warning: roost is tested with kind $(KIND_VERSION), this is '$$(kind version)'"
+	@echo ">> kind cluster $(KIND_CLUSTER) (manifests/kind/cluster.yaml: 1 control plane, 1 worker, Kourier on localhost:8080)"
+	@if kind get clusters 2>/dev/null | grep -qx "$(KIND_CLUSTER)"; then \
+	  echo "   already exists: reusing it"; \
+	else \
+	  kind create cluster --name $(KIND_CLUSTER) --config manifests/kind/cluster.yaml $(if $(KIND_NODE_IMAGE),--image $(KIND_NODE_IMAGE)) --wait 5m; \
+	fi
+	kubectl config use-context kind-$(KIND_CLUSTER)
+	@echo ">> cert-manager $(CERT_MANAGER_VERSION), Knative Serving $(KNATIVE_SERVING_VERSION) + Kourier, KServe $(KSERVE_VERSION)"
+	$(STACK_ENV) manifests/install-stack.sh kind
+	$(MAKE) --no-print-directory images load-images
+	$(MAKE) --no-print-directory deploy VALUES=charts/roost/values-kind.yaml
+
+.PHONY: kind-demo
+kind-demo: venv ## On the kind cluster: train Job -> register -> deploy -> predict through Kourier (REST and gRPC).
+	$(call require,kubectl,kubectl (https://kubernetes.io/docs/tasks/tools/))
+	$(call require,helm,Helm $(HELM_VERSION) or newer (https://helm.sh/docs/intro/install/))
+	@echo ">> demo on kind-$(KIND_CLUSTER), namespace $(NAMESPACE): manifests/kind/demo.sh"
+	kubectl config use-context kind-$(KIND_CLUSTER)
+	ROOST=$(ROOST) NAMESPACE=$(NAMESPACE) RELEASE=$(RELEASE) EPOCHS=$(DEMO_EPOCHS) manifests/kind/demo.sh
+
+.PHONY: kind-down
+kind-down: ## Delete the kind cluster (and everything in it).
+	$(call require,kind,kind $(KIND_VERSION) (https://kind.sigs.k8s.io/docs/user/quick-start/))
+	@echo ">> deleting kind cluster $(KIND_CLUSTER)"
+	kind delete cluster --name $(KIND_CLUSTER)
+
+.PHONY: eks-up
+eks-up: venv ## Create the EKS cluster (eksctl), the S3 bucket (roost aws bootstrap), install cert-manager + Knative + KServe.
+	$(call require,eksctl,eksctl $(EKSCTL_VERSION)+ (https://eksctl.io/installation/))
+	$(call require,kubectl,kubectl (https://kubernetes.io/docs/tasks/tools/))
+	$(call require,helm,Helm $(HELM_VERSION) or newer (https://helm.sh/docs/intro/install/))
+	@test -n "$(BUCKET)" || { echo "set BUCKET=<globally unique bucket name> (e.g. roost-artifacts-<account id>)"; exit 1; }
+	@echo ">> EKS cluster from $(EKS_CONFIG) (system + GPU node groups, OIDC, IRSA roles)"
+	eksctl create cluster -f $(EKS_CONFIG)
+	@echo ">> artifact bucket s3://$(BUCKET) in $(AWS_REGION)"
+	$(ROOST) aws bootstrap --bucket $(BUCKET) --region $(AWS_REGION)
+	@echo ">> cert-manager $(CERT_MANAGER_VERSION), Knative Serving $(KNATIVE_SERVING_VERSION) + Kourier (NLB), KServe $(KSERVE_VERSION)"
+	$(STACK_ENV) manifests/install-stack.sh eks
+
+.PHONY: eks-down
+eks-down: ## Uninstall the chart and delete the EKS cluster (the S3 bucket stays).
+	$(call require,eksctl,eksctl $(EKSCTL_VERSION)+ (https://eksctl.io/installation/))
+	$(call require,helm,Helm $(HELM_VERSION) or newer (https://helm.sh/docs/intro/install/))
+	@echo ">> uninstalling $(RELEASE), deleting the cluster of $(EKS_CONFIG); s3://$(BUCKET) is kept"
+	-helm uninstall $(RELEASE) -n $(NAMESPACE) --wait
+	eksctl delete cluster -f $(EKS_CONFIG) --wait
+
+##@ Deploy
+
+.PHONY: images
+images: ## Build the training, serving and mlflow images (tag IMG_TAG, registry IMG_REGISTRY).
+	$(call require,$(CONTAINER_TOOL),Docker (https://docs.docker.com/engine/install/))
+	@for image in $(IMAGES); do \
+	  echo ">> $(CONTAINER_TOOL) build -f $$image/Dockerfile -t $(IMG_PREFIX)roost-$$image:$(IMG_TAG) ."; \
+	  $(CONTAINER_TOOL) build -f $$image/Dockerfile -t $(IMG_PREFIX)roost-$$image:$(IMG_TAG) . || exit 1; \
+	done
+
+.PHONY: load-images
+load-images: ## Load the images into the kind cluster's nodes.
+	$(call require,kind,kind $(KIND_VERSION) (https://kind.sigs.k8s.io/docs/user/quick-start/))
+	@for image in $(IMAGES); do \
+	  echo ">> kind load docker-image roost-$$image:$(IMG_TAG) --name $(KIND_CLUSTER)"; \
+	  kind load docker-image $(IMG_PREFIX)roost-$$image:$(IMG_TAG) --name $(KIND_CLUSTER) || exit 1; \
+	done
+
+.PHONY: push-images
+push-images: ## Push the images to IMG_REGISTRY (e.g. <account>.dkr.ecr.<region>.amazonaws.com).
+	$(call require,$(CONTAINER_TOOL),Docker (https://docs.docker.com/engine/install/))
+	@test -n "$(IMG_REGISTRY)" || { echo "set IMG_REGISTRY=<registry> (and log in: aws ecr get-login-password | docker login ...)"; exit 1; }
+	@for image in $(IMAGES); do \
+	  echo ">> $(CONTAINER_TOOL) push $(IMG_PREFIX)roost-$$image:$(IMG_TAG)"; \
+	  $(CONTAINER_TOOL) push $(IMG_PREFIX)roost-$$image:$(IMG_TAG) || exit 1; \
+	done
+
+.PHONY: helm-lint
+helm-lint: ## helm lint --strict the chart with its default, kind, eks and ci/ values.
+	$(call require,helm,Helm $(HELM_VERSION) or newer (https://helm.sh/docs/intro/install/))
+	@for values in charts/roost/values.yaml charts/roost/values-kind.yaml charts/roost/values-eks.yaml charts/roost/ci/*-values.yaml; do \
+	  echo ">> helm lint --strict charts/roost -f $$values"; \
+	  helm lint --strict charts/roost -f $$values >/dev/null || { helm lint --strict charts/roost -f $$values; exit 1; }; \
+	done
+
+.PHONY: deploy
+deploy: ## Install or upgrade the chart (VALUES=charts/roost/values-kind.yaml; NAMESPACE, RELEASE).
+	$(call require,helm,Helm $(HELM_VERSION) or newer (https://helm.sh/docs/intro/install/))
+	@echo ">> helm upgrade --install $(RELEASE) charts/roost -n $(NAMESPACE) -f $(VALUES)"
+	helm upgrade --install $(RELEASE) charts/roost --namespace $(NAMESPACE) --create-namespace \
+	  -f $(VALUES) --set images.tag=$(IMG_TAG) $(if $(IMG_REGISTRY),--set images.registry=$(IMG_REGISTRY)) \
+	  $(if $(BUCKET),--set s3.bucket=$(BUCKET)) --wait --timeout 15m
+
+.PHONY: eks-deploy
+eks-deploy: ## Build and push the images, then install the chart on EKS with values-eks.yaml.
+	@test -n "$(IMG_REGISTRY)" || { echo "set IMG_REGISTRY=<account>.dkr.ecr.$(AWS_REGION).amazonaws.com"; exit 1; }
+	@test -n "$(BUCKET)" || { echo "set BUCKET=<the bucket of eks-up>"; exit 1; }
+	$(MAKE) --no-print-directory images push-images
+	$(MAKE) --no-print-directory deploy VALUES=charts/roost/values-eks.yaml
+
+.PHONY: helm-test
+helm-test: ## Run the chart's test (the model's v2 ready endpoint through Knative).
+	$(call require,helm,Helm $(HELM_VERSION) or newer (https://helm.sh/docs/intro/install/))
+	@echo ">> helm test $(RELEASE) -n $(NAMESPACE)"
+	helm test $(RELEASE) --namespace $(NAMESPACE) --logs
+
+.PHONY: undeploy
+undeploy: ## Uninstall the chart (the InferenceServices roost deploy created stay: kubectl delete isvc --all).
+	$(call require,helm,Helm $(HELM_VERSION) or newer (https://helm.sh/docs/intro/install/))
+	@echo ">> helm uninstall $(RELEASE) -n $(NAMESPACE)"
+	helm uninstall $(RELEASE) --namespace $(NAMESPACE) --wait
 
 ##@ Test
 
@@ -118,5 +276,6 @@ test-e2e: venv apt-deps ## End-to-end tests (demo, rollouts).
 	$(VENV_PY) -m pytest -m e2e $(PYTEST_ARGS)
 
 .PHONY: bench
-bench: venv ## Benchmark roost vs TorchServe vs the raw model (writes bench-out/).
+bench: venv ## Benchmark roost vs TorchServe vs the raw model on @champion (writes bench-out/; run make demo first).
+	$(ROOST) mlflow up
 	$(ROOST) bench --out bench-out $(BENCH_ARGS)

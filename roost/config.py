@@ -10,6 +10,7 @@ This is the only module that reads ``os.environ``.
 
 from __future__ import annotations
 
+import itertools
 import os
 from contextvars import ContextVar
 from pathlib import Path
@@ -133,7 +134,10 @@ class ServingSettings(_Section):
         "size within it (and within max_batch_size).",
     )
     intra_op_threads: int | None = Field(
-        None, gt=0, description="torch threads; default: the CPU limit of the pod or machine."
+        None,
+        gt=0,
+        description="torch threads; default: the CPU limit of the pod or machine less one "
+        "(the event loop's core), at least 1.",
     )
     fast_path: bool = Field(
         True,
@@ -220,30 +224,126 @@ class RolloutSettings(_Section):
             raise ValueError("rollout.steps: at least one canary step is needed")
         if any(not 0 < w <= 100 for w in steps):
             raise ValueError("rollout.steps: canary weights are percentages in 1..100")
-        if any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+        if any(b <= a for a, b in itertools.pairwise(steps)):
             raise ValueError("rollout.steps: canary weights must increase")
         return self
 
 
 class K8sSettings(_Section):
-    """Kubernetes (owned by roost.k8s)."""
+    """Kubernetes (owned by roost.k8s).
+
+    ``roost train --on k8s`` and ``roost deploy`` start from the templates the Helm chart
+    renders into the ConfigMap ``templates_configmap`` (the training Job, the
+    InferenceService), so image, service account, resources and security settings have one
+    source: the chart's values.
+    """
 
     namespace: str = Field("roost", description="Namespace of the release and its objects.")
     context: str | None = Field(None, description="kubeconfig context; default: current.")
     inference_service: str = Field("sentiment", description="InferenceService name.")
+    templates_configmap: str = Field(
+        "roost-templates",
+        description="ConfigMap with the chart's Job and InferenceService templates.",
+    )
+    artifacts_s3_root: str | None = Field(
+        None,
+        description="s3:// root the MLflow server stores artifacts under (its "
+        "--artifacts-destination), to map mlflow-artifacts:/ URIs to S3; default: the "
+        "chart's value from the templates ConfigMap.",
+    )
+    torchserve_storage_uri: str | None = Field(
+        None,
+        description="storageUri of a TorchServe export for `deploy` with the torchserve "
+        "runtime, e.g. s3://bucket/torchserve/{model}/{version}.",
+    )
+    job_timeout_s: float = Field(
+        25200.0,
+        gt=0,
+        description="How long `train --on k8s` waits for its Job (the chart stops a Job "
+        "after 6 h: training.activeDeadlineSeconds).",
+    )
+    ready_timeout_s: float = Field(
+        600.0, gt=0, description="How long `deploy` waits for the InferenceService to be Ready."
+    )
+    poll_s: float = Field(2.0, gt=0, description="Seconds between status reads while waiting.")
 
 
 class AwsSettings(_Section):
-    """AWS (owned by roost.aws)."""
+    """AWS (owned by roost.aws): the artifact bucket that MLflow, training and KServe share."""
 
     region: str = Field("us-east-1", description="AWS region.")
     bucket: str | None = Field(None, description="Artifact bucket name.")
+    endpoint_url: str | None = Field(
+        None, description="S3 endpoint (MinIO, moto); default: AWS for the region."
+    )
+    s3_compatible: bool = Field(
+        False,
+        description="The endpoint is an S3-compatible store (MinIO): steps it does not "
+        "implement are reported as skipped instead of failing.",
+    )
+    kms_key_id: str | None = Field(
+        None, description="Default encryption with this KMS key (SSE-KMS); default: SSE-S3."
+    )
+    artifacts_prefix: str = Field("mlflow", description="Key prefix of MLflow's artifacts.")
+    checkpoints_prefix: str = Field(
+        "checkpoints", description="Key prefix of training checkpoints."
+    )
+    data_prefix: str = Field("data", description="Key prefix of training data.")
+    torchserve_prefix: str = Field("torchserve", description="Key prefix of TorchServe exports.")
+    noncurrent_version_days: int = Field(
+        30, ge=1, description="Lifecycle: delete overwritten object versions after this many days."
+    )
+    checkpoint_days: int = Field(
+        14, ge=1, description="Lifecycle: delete training checkpoints after this many days."
+    )
+    multipart_days: int = Field(
+        7, ge=1, description="Lifecycle: abort unfinished multipart uploads after this many days."
+    )
 
 
 class BenchSettings(_Section):
-    """Benchmark (owned by roost.bench)."""
+    """Benchmark (owned by roost.bench): the load ladder and the TorchServe side.
+
+    Each server gets open-loop load at ``start_rps``, multiplied by ``growth`` while the
+    p99 stays within ``slo_p99_ms`` with no errors, then ``refine_steps`` bisections
+    between the last passing and the first failing rate. ``--quick`` shortens all of it.
+    """
 
     out_dir: Path = Field(Path("bench-out"), description="Where bench.json, tables and plots go.")
+    slo_p99_ms: float = Field(50.0, gt=0, description="Latency objective: p99 at most this.")
+    step_s: float = Field(5.0, gt=0, description="Seconds of load per ladder step.")
+    start_rps: float = Field(500.0, gt=0, description="First rate of each ladder (requests/s).")
+    growth: float = Field(1.5, gt=1, description="Rate multiplier between passing steps.")
+    refine_steps: int = Field(2, ge=0, description="Bisections after the first failing rate.")
+    max_rps: float = Field(40000.0, gt=0, description="No ladder goes above this rate.")
+    max_steps: int = Field(16, ge=1, description="Steps per ladder at most.")
+    texts: int = Field(2000, ge=10, description="Corpus texts sampled (seeded) for the load.")
+    seed: int = Field(7, description="Seed of the text sample.")
+    connections: int = Field(64, ge=1, description="HTTP keep-alive connections of the client.")
+    multi_text_request: int = Field(
+        32, ge=0, description="Texts per request of roost's extra REST v2 ladder (0: none)."
+    )
+    cold_starts: int = Field(3, ge=1, description="Starts per server for the cold-start median.")
+    client_nice: int = Field(
+        -10,
+        ge=-20,
+        le=19,
+        description="Priority of the load generator's thread (below 0 needs root; skipped "
+        "otherwise): the measuring side should not queue behind the servers.",
+    )
+    torchserve_workers: list[int] = Field(
+        [1, 2],
+        min_length=1,
+        description="TorchServe worker counts to try, best one reported (its guide: start at "
+        "physical cores / 2, raise while it helps).",
+    )
+    torchserve_batch_size: int = Field(64, ge=1, description="TorchServe batchSize.")
+    torchserve_max_batch_delay_ms: int = Field(
+        5, ge=0, description="TorchServe maxBatchDelay (it waits this long to fill a batch)."
+    )
+    time_budget_s: float = Field(
+        1200.0, gt=0, description="Ladders stop early once the run has taken this long."
+    )
 
 
 class Settings(BaseSettings):

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.models import ModelSignature
@@ -19,7 +20,6 @@ from mlflow.models.model import ModelInfo
 from mlflow.pyfunc.model import PythonModel, PythonModelContext
 from mlflow.types import ColSpec, Schema
 
-import mlflow
 from roost.classifier import TextClassifier
 
 log = logging.getLogger(__name__)

@@ -300,9 +300,8 @@ def promote(
 
 def download(model_uri: str, dst: Path) -> Path:
     """Download a ``models:/`` (or ``runs:/``) URI to ``dst``; returns the local directory."""
-    from mlflow.exceptions import MlflowException
-
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     try:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))

@@ -393,6 +393,7 @@ def _log_inputs(splits: data.Splits) -> None:
 def run_training(settings: Settings, progress: TrainProgress | None = None) -> TrainOutcome:
     """Load data, train, evaluate and record everything as one MLflow run."""
     import mlflow
+
     from roost import pyfunc
 
     started = time.perf_counter()

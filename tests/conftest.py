@@ -36,6 +36,16 @@ def _clean_env() -> None:
 _clean_env()
 
 
+@pytest.fixture(autouse=True)
+def _no_inherited_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI; session fixtures call it.
+
+    Every test starts without it, so a subprocess or CLI call under test finds the server
+    it is told about (flag, settings, state dir), never the one a fixture happened to use.
+    """
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 def make_settings(state_dir: Path, tracking_uri: str | None = None, **sections: dict) -> Settings:
     overrides: dict = {
         "state_dir": state_dir,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from typing import Annotated
+from urllib.parse import urlsplit, urlunsplit
 
 import typer
 
@@ -108,5 +109,14 @@ def serve(
         workers=workers,
         allowed_hosts=allowed_hosts,
     )
-    console.print("exec: " + " ".join(argv))
+    console.print("exec: " + " ".join(_redact(a) for a in argv))
     os.execve(argv[0], argv, {**os.environ, **tracking.SERVER_ENV})
+
+
+def _redact(arg: str) -> str:
+    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db`` for printing."""
+    parts = urlsplit(arg)
+    if parts.scheme and parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        return urlunsplit(parts._replace(netloc=netloc))
+    return arg

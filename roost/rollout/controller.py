@@ -400,9 +400,8 @@ class Controller:
 
 def _signature(model_uri: str) -> dict[str, Any] | None:
     """The MLflow signature of a registered version (None if it has none)."""
-    from mlflow.exceptions import MlflowException
-
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     try:
         info = mlflow.models.get_model_info(model_uri)

@@ -72,6 +72,7 @@ def _log_and_register(
     kind: str,
 ) -> str:
     import mlflow
+
     from roost import pyfunc
 
     uri = tracking.use(settings)

@@ -46,4 +46,9 @@ def test_demo_runs_the_whole_loop_and_is_rerunnable(tmp_path: Path) -> None:
     assert second["version"] == "2"
     assert second["run_id"] != first["run_id"]
     assert second["gate"]["passed"]  # same data and seed: the same score passes (>=)
+    # A champion existed, so v2 went through the canary (same weights: no drift, no errors).
+    assert second["rollout"]["outcome"] == "promoted", second["rollout"]
+    assert second["rollout"]["traffic"]["failed"] == 0
+    assert second["rollout"]["traffic"]["by_version"].get("2", 0) > 0
+    assert second["champion_version"] == "2"
     assert not http_ok(second["mlflow_ui"] + "/health")

@@ -10,8 +10,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from mlflow import MlflowClient
+
 from roost import registry
 from roost.classifier import TextClassifier
 from roost.config import Settings

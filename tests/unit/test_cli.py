@@ -17,7 +17,10 @@ pytestmark = pytest.mark.unit
 
 def run(*args: str, **env: str) -> tuple[int, str, str]:
     runner = CliRunner()
-    result = runner.invoke(app, list(args), env=env or None)
+    # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI; an earlier in-process test
+    # must not hand its server to these commands. None unsets it for the call.
+    environ: dict[str, str | None] = {"MLFLOW_TRACKING_URI": None, **env}
+    result = runner.invoke(app, list(args), env=environ)
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
     return result.exit_code, result.stdout, result.stderr
 
@@ -99,3 +102,18 @@ def test_invalid_config_value(tmp_path: Path) -> None:
 def test_bad_choice_is_a_usage_error() -> None:
     code, _, _ = run("train", "--on", "mars")
     assert code == 2
+
+
+@pytest.mark.parametrize(
+    ("arg", "printed"),
+    [
+        ("postgresql://mlflow:s3cr%40t@db:5432/mlflow", "postgresql://mlflow:***@db:5432/mlflow"),
+        ("sqlite:////data/mlflow.db", "sqlite:////data/mlflow.db"),
+        ("s3://roost-artifacts/mlflow", "s3://roost-artifacts/mlflow"),
+        ("--workers", "--workers"),
+    ],
+)
+def test_mlflow_serve_never_prints_the_database_password(arg: str, printed: str) -> None:
+    from roost.cli.tracking import _redact
+
+    assert _redact(arg) == printed

@@ -140,21 +140,21 @@ def test_missing_nginx_names_the_package(tmp_path: Path) -> None:
 
 def test_traffic_manifest_for_a_model_format_predictor() -> None:
     isvc = fixture("isvc-sentiment.json")
-    manifest = traffic_manifest(isvc, "sentiment", "2", "s3://b/sentiment/2", 25)
+    manifest = traffic_manifest(isvc, "2", "s3://b/sentiment/2", 25)
     assert manifest["metadata"] == {"name": "sentiment", "namespace": "roost"}
     predictor = manifest["spec"]["predictor"]
     assert predictor["canaryTrafficPercent"] == 25
     assert predictor["model"]["storageUri"] == "s3://b/sentiment/2"
     assert {"name": "ROOST_SERVING__MODEL_VERSION", "value": "2"} in predictor["model"]["env"]
     assert "modelFormat" not in predictor["model"]  # only the fields this manager owns
-    final = traffic_manifest(isvc, "sentiment", "2", "s3://b/sentiment/2", None)
+    final = traffic_manifest(isvc, "2", "s3://b/sentiment/2", None)
     assert "canaryTrafficPercent" not in final["spec"]["predictor"]
 
 
 def test_traffic_manifest_for_a_custom_container_predictor() -> None:
     isvc = fixture("isvc-sentiment.json")
     isvc["spec"]["predictor"] = {"containers": [{"name": "kserve-container", "image": "x"}]}
-    manifest = traffic_manifest(isvc, "sentiment", "2", "s3://b/2", 10)
+    manifest = traffic_manifest(isvc, "2", "s3://b/2", 10)
     container = manifest["spec"]["predictor"]["containers"][0]
     assert container["name"] == "kserve-container"
     assert {"name": "STORAGE_URI", "value": "s3://b/2"} in container["env"]

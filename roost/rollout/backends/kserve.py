@@ -1,8 +1,8 @@
 """The KServe backend: canary weights on an InferenceService, metrics from Prometheus or pods.
 
 Weights: server-side apply of ``spec.predictor.canaryTrafficPercent`` with the challenger's
-``storageUri`` (and ``ROOST_SERVING__MODEL_VERSION`` / ``__MODEL_URI`` in the predictor's env, so
-its metrics and headers carry the version). KServe creates a revision for the new spec and
+``storageUri`` (and ``ROOST_SERVING__MODEL_VERSION`` in the predictor's env, so its metrics and
+headers carry the version). KServe creates a revision for the new spec and
 splits traffic between it and the last rolled-out revision; readiness is read back from
 ``status.components.predictor.traffic`` once ``status.observedGeneration`` caught up.
 Promotion and clean-up apply the final ``storageUri`` *without* ``canaryTrafficPercent`` (the
@@ -44,8 +44,7 @@ log = logging.getLogger(__name__)
 TRAFFIC_MANAGER = "roost-rollout"
 STATE_MANAGER = "roost-rollout-state"
 COMMAND_MANAGER = "roost-rollout-command"
-VERSION_ENV = "ROOST_SERVING__MODEL_VERSION"
-MODEL_URI_ENV = "ROOST_SERVING__MODEL_URI"
+VERSION_ENV = k8s.VERSION_ENV
 PREDICTOR_CONTAINER = "kserve-container"
 CAS_RETRIES = 5
 
@@ -53,7 +52,7 @@ StorageUri = Callable[[str], str]
 
 
 def traffic_manifest(
-    obj: dict[str, Any], model: str, version: str, storage_uri: str, weight: int | None
+    obj: dict[str, Any], version: str, storage_uri: str, weight: int | None
 ) -> dict[str, Any]:
     """The apply configuration for one weight (None: no canary field, i.e. all to latest).
 
@@ -62,10 +61,9 @@ def traffic_manifest(
     ``STORAGE_URI`` environment variable).
     """
     predictor_spec = (obj.get("spec") or {}).get("predictor") or {}
-    env = [
-        {"name": VERSION_ENV, "value": version},
-        {"name": MODEL_URI_ENV, "value": f"models:/{model}/{version}"},
-    ]
+    # The pod serves what the storage initializer downloads (/mnt/models); the version
+    # travels by env so metrics and response headers are attributable.
+    env = [{"name": VERSION_ENV, "value": version}]
     predictor: dict[str, Any] = {}
     if weight is not None:
         predictor["canaryTrafficPercent"] = weight
@@ -258,7 +256,7 @@ class KServeBackend(Backend):
     def set_weight(self, state: RolloutState, weight: int) -> None:
         obj = self.get()
         uri = self.storage_uri(state.version)
-        self._apply(traffic_manifest(obj, self.model, state.version, uri, weight), TRAFFIC_MANAGER)
+        self._apply(traffic_manifest(obj, state.version, uri, weight), TRAFFIC_MANAGER)
         log.info("canaryTrafficPercent=%d version=%s isvc=%s", weight, state.version, self.isvc)
 
     def ready(self, state: RolloutState) -> Readiness:
@@ -267,14 +265,14 @@ class KServeBackend(Backend):
     def promote(self, state: RolloutState) -> None:
         obj = self.get()
         uri = self.storage_uri(state.version)
-        self._apply(traffic_manifest(obj, self.model, state.version, uri, None), TRAFFIC_MANAGER)
+        self._apply(traffic_manifest(obj, state.version, uri, None), TRAFFIC_MANAGER)
 
     def retire(self, state: RolloutState) -> None:
         obj = self.get()
         if storage_uri_of(obj) != self.storage_uri(state.version):
             return
         uri = self.storage_uri(state.champion)
-        manifest = traffic_manifest(obj, self.model, state.champion, uri, None)
+        manifest = traffic_manifest(obj, state.champion, uri, None)
         self._apply(manifest, TRAFFIC_MANAGER)
 
     # -- metrics ------------------------------------------------------------------------------
@@ -349,10 +347,8 @@ def registry_storage_uri(settings: Settings, model: str) -> StorageUri:
 
             registry = Registry(tracking.use(settings), model)
             uri = str(registry.client.get_model_version_download_uri(model, version))
-            destination = settings.tracking.artifacts_destination
-            if uri.startswith("mlflow-artifacts:") and destination:
-                uri = destination.rstrip("/") + "/" + uri.split(":", 1)[1].lstrip("/")
-            cache[version] = uri
+            root = settings.k8s.artifacts_s3_root or settings.tracking.artifacts_destination
+            cache[version] = k8s.s3_storage_uri(uri, root)
         return cache[version]
 
     return resolve
