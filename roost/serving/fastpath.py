@@ -30,9 +30,10 @@ import numpy as np
 import orjson
 from kserve.metrics import POST_HIST_TIME, PRE_HIST_TIME, PREDICT_HIST_TIME, get_labels
 from kserve.protocol.grpc.servicer import InferenceServicer
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from roost.serving import codec, metrics
+from roost.serving.server import replay_body
 
 if TYPE_CHECKING:
     from roost.serving.predictor import SentimentModel
@@ -260,7 +261,7 @@ class FastASGI:
         if body is None:
             return  # the client went away
         if not await self._answer(protocol, body, send):
-            await self.app(scope, _replay(body, receive), send)
+            await self.app(scope, replay_body(body, receive), send)
 
     async def _answer(self, protocol: codec.Protocol, body: bytes, send: Send) -> bool:
         """Answer a plain request; False (nothing sent) when KServe's path must take it."""
@@ -293,20 +294,6 @@ async def _read(receive: Receive) -> bytes | None:
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
             return b"".join(chunks)
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A ``receive`` that hands the already-read body to the next app once."""
-    replayed = False
-
-    async def replay() -> Message:
-        nonlocal replayed
-        if not replayed:
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
 
 
 # -- gRPC -----------------------------------------------------------------------------------
