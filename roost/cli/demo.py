@@ -42,6 +42,9 @@ def demo(
         render(report)
 
 
+PROTOCOL_TITLES = {"v1": "REST v1", "v2": "REST v2", "grpc": "gRPC v2"}
+
+
 def render(report: DemoReport) -> None:
     console.rule("roost demo summary")
     console.print(f"MLflow UI      {report.tracking_uri}")
@@ -57,10 +60,10 @@ def render(report: DemoReport) -> None:
     console.print(f"champion       {report.model} v{report.champion_version}")
     for name, url in report.endpoints.items():
         console.print(f"{name:<14} {url}")
-    table = Table(title="sample predictions (label / confidence)")
+    table = Table(title=f"sample predictions of v{report.champion_version} (label / confidence)")
     table.add_column("text", overflow="fold", max_width=56)
     for protocol in report.predictions:
-        table.add_column(protocol)
+        table.add_column(PROTOCOL_TITLES.get(protocol, protocol))
     first = next(iter(report.predictions.values()), [])
     for i, row in enumerate(first):
         cells = [
