@@ -6,7 +6,7 @@ recorded), so the samples add up to the Python time that bounds one process: wha
 of one core for more requests. Frames are put in categories by the first rule that
 matches a stack, and each category is reported in microseconds of GIL time per request.
 
-py-spy is not a roost dependency: ``pip install py-spy`` (it needs ptrace rights).
+py-spy comes with ``roost[bench]`` (it needs ptrace rights over the server process).
 """
 
 from __future__ import annotations
