@@ -126,8 +126,6 @@ def _register() -> None:
     app.add_typer(rollout.app, name="rollout")
     app.add_typer(cluster.aws_app, name="aws")
     app.command("deploy")(cluster.deploy)
-    # Helpers register further commands here, e.g.
-    # app.command("deploy")(cluster.deploy) / app.command("bench")(bench.bench)
     app.add_typer(bench.app, name="bench")
 
 
