@@ -135,10 +135,13 @@ def raw_forward(
     """Texts per second of ``forward`` at each batch size, in-process.
 
     Each size runs for ``seconds_each`` in chunks of about 256 texts; the rate is the median
-    chunk's, so a burst of other work on the machine moves it little either way.
+    chunk's, so a burst of other work on the machine moves it little either way. Sizes larger
+    than ``texts`` are left out.
     """
     rates: dict[int, float] = {}
     for size in batch_sizes:
+        if size > len(texts):  # a sample smaller than the batch has no whole batch
+            continue
         batches = [texts[i : i + size] for i in range(0, len(texts) - size + 1, size)]
         forward(batches[0])  # warm
         chunk_rates: list[float] = []

@@ -127,6 +127,7 @@ def run(
 
         async def load() -> tuple[loadgen.StepRecord, float]:
             await sender.open()
+            spy: subprocess.Popen[bytes] | None = None
             try:
                 await loadgen.run_step(sender, loadgen.StepPlan(min(rate, 2000), 2.0))
                 spy = subprocess.Popen(
@@ -144,6 +145,9 @@ def run(
                     raise RoostError(f"py-spy failed: {err.decode(errors='replace')[-300:]}")
                 return record, cpu
             finally:
+                if spy is not None and spy.poll() is None:  # failed or timed out: no orphan
+                    spy.kill()
+                    spy.wait()
                 await sender.close()
 
         loop = loadgen.new_event_loop()

@@ -287,6 +287,9 @@ class Bench:
                 self.models_uri_cold_start = self._models_uri_start(model, logs)
             config = {
                 "model_dir": True,
+                # Limits: within them the server sizes its batches from the forward cost it
+                # measures at load (its log says `batch=` and `wait_ms=`).
+                "batching": "limits",
                 "max_batch_size": self.settings.serving.max_batch_size,
                 "max_batch_wait_ms": self.settings.serving.max_batch_wait_ms,
                 "fast_path": self.settings.serving.fast_path,

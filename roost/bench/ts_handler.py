@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-# Shipped next to this file in the .mar (see roost.bench.torchserve.archive_files).
+# Shipped next to this file in the .mar (see roost.bench.torchserve.archive).
 import roost_kernel
 import roost_model
 import roost_tokenizer

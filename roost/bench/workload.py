@@ -59,7 +59,6 @@ class Expected:
 
     def __init__(self, labels: list[str], proba: np.ndarray) -> None:
         self.labels = labels
-        self.proba = proba
         self.rows: list[list[float]] = proba.astype(np.float64).tolist()
         self.allowed: list[frozenset[str]] = [
             frozenset(labels[i] for i in np.flatnonzero(row >= row.max() - TIE)) for row in proba

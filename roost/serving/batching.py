@@ -115,7 +115,10 @@ class MicroBatcher:
         proba = self._forward(texts)
         elapsed = time.perf_counter() - started
         if self.on_batch is not None:
-            self.on_batch(requests, len(texts), elapsed, proba)
+            try:
+                self.on_batch(requests, len(texts), elapsed, proba)
+            except Exception:  # bookkeeping must never fail the answer it measured
+                log.exception("per-batch metrics failed (the batch was answered)")
         return proba
 
     def _finished(self, batch: list[_Item], done: Future[np.ndarray]) -> None:
@@ -173,9 +176,6 @@ class MicroBatcher:
             for i in range(0, len(texts), self.max_batch_size)
         ]
         return np.concatenate(parts, axis=0)
-
-    async def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _resolve(future: asyncio.Future[np.ndarray], result: np.ndarray | BaseException) -> None:

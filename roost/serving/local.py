@@ -35,9 +35,6 @@ class LocalServer:
     def ready_url(self) -> str:
         return f"{self.http_url}/v2/models/{self.name}/ready"
 
-    def ready(self) -> bool:
-        return proc.http_ok(self.ready_url)
-
     def wait_ready(self, timeout: float = 120.0) -> LocalServer:
         proc.wait_http(self.ready_url, timeout, self.process, what=f"model server {self.name}")
         return self

@@ -66,6 +66,7 @@ def observe_many(histogram: Histogram, values: np.ndarray) -> None:
         for value in values.tolist():
             histogram.observe(value)
         return
+    values = values[~np.isnan(values)]  # observe() counts a NaN in no bucket; skip it here
     counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
     for i in np.flatnonzero(counts).tolist():
         buckets[i].inc(int(counts[i]))

@@ -152,3 +152,14 @@ def test_intra_op_threads_leave_a_core_for_the_event_loop() -> None:
     assert intra_op_threads(None, 2) == 1
     assert intra_op_threads(None, 8) == 7
     assert intra_op_threads(3, 8) == 3
+
+
+def test_failing_batch_metrics_do_not_fail_the_answer() -> None:
+    def broken_metrics(requests: int, texts: int, seconds: float, proba: np.ndarray) -> None:
+        raise IndexError("a metrics bug")
+
+    batcher = MicroBatcher(FakeModel(), max_batch_size=8, max_wait_s=0.0)
+    batcher.on_batch = broken_metrics
+    result = run(batcher.submit(["abc"]))
+    assert isinstance(result, np.ndarray)
+    assert result.tolist() == [[3.0, 1.0]]

@@ -160,8 +160,12 @@ def test_v2_json_is_kserves_answer() -> None:
 
 def test_v1_json_and_grpc_answer() -> None:
     labels, names, proba = answer()
-    assert orjson.loads(codec.v1_json(labels, names, proba)) == codec.encode_v1(
-        labels, names, proba
+    v1 = orjson.loads(codec.v1_json(labels, names, proba))
+    assert [p["label"] for p in v1["predictions"]] == ["positive", "negative"]
+    first = v1["predictions"][0]
+    assert first["confidence"] == pytest.approx(0.7)
+    assert first["probabilities"] == pytest.approx(
+        {"negative": 0.1, "neutral": 0.2, "positive": 0.7}
     )
     response = codec.grpc_response("sentiment", "3", "r1", labels, names, proba)
     request = InferRequest(

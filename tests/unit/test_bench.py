@@ -230,3 +230,11 @@ def test_profile_categories() -> None:
     assert counts["HTTP: uvicorn/httptools callbacks"] == 2
     assert counts["event loop and transport (uvloop, C)"] == 1
     assert counts["other"] == 1
+
+
+def test_raw_forward_leaves_out_batches_larger_than_the_sample() -> None:
+    from roost.bench.measure import raw_forward
+
+    rates = raw_forward(lambda texts: np.zeros((len(texts), 3)), ["a"] * 10, (1, 8, 64), 0.01)
+    assert set(rates) == {1, 8}
+    assert all(rate > 0 for rate in rates.values())
