@@ -387,6 +387,16 @@ def test_training_hook_is_off_by_default(docs) -> None:
     assert hook["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
 
 
+def test_training_args_go_to_the_hook_job_only() -> None:
+    """`roost train --on k8s` sends its own settings; the chart's flags must not override them."""
+    extra = {"training": {"args": ["--epochs", "15"], "hook": {"enabled": True}}}
+    objects = documents(render(values_of(VALUE_SETS["kind"], extra)))
+    (hook,) = [j for j in find(objects, "Job") if j["metadata"]["name"].startswith("roost-train")]
+    assert hook["spec"]["template"]["spec"]["containers"][0]["args"] == ["train", "--epochs", "15"]
+    template = training_job(objects)["spec"]["template"]["spec"]["containers"][0]
+    assert template["args"] == ["train"]
+
+
 def test_mlflow_server(docs) -> None:
     (deployment,) = find(docs["kind"], "Deployment", "roost-mlflow")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]

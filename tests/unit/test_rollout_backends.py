@@ -194,3 +194,16 @@ def test_prometheus_query_selects_the_roost_series() -> None:
     query = prometheus_query("sentiment", 'namespace="roost"')
     assert query.startswith('{__name__=~"roost_inference_requests_total|')
     assert query.endswith(',model="sentiment",namespace="roost"}')
+
+
+def test_an_earlier_run_with_this_pid_is_not_alive() -> None:
+    """A restarted container: same hostname, the controller is PID 1 again, new owner token."""
+    import socket
+
+    from roost.rollout.backends.base import owner_alive_here, owner_id
+
+    host = socket.gethostname()
+    assert owner_alive_here(f"{host}:{os.getpid()}:earlier1") is False
+    assert owner_alive_here(f"{host}:{os.getppid()}:parent01") is True
+    assert owner_alive_here(f"other-{host}:{os.getpid()}:x") is None
+    assert owner_id().startswith(f"{host}:{os.getpid()}:")

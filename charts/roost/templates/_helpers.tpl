@@ -501,8 +501,11 @@ spec:
           imagePullPolicy: {{ include "roost.pullPolicy" (list $ctx $t.image) }}
           args:
             - train
+            {{- /* training.args are the hook's; `roost train --on k8s` passes its own settings */}}
+            {{- if .hook }}
             {{- range $t.args }}
             - {{ . | quote }}
+            {{- end }}
             {{- end }}
           env:
             - name: ROOST_JOB_NAME

@@ -46,7 +46,11 @@ def owner_id() -> str:
 
 
 def owner_alive_here(owner: str | None) -> bool | None:
-    """False if ``owner`` is a process on this host that is gone; None if we cannot tell."""
+    """False if ``owner`` is a process on this host that is gone; None if we cannot tell.
+
+    An owner with this process's own pid but not its id is an earlier run of the same pid:
+    a restarted container, where the controller is PID 1 again and the hostname is the same.
+    """
     from roost import proc
 
     if not owner:
@@ -54,6 +58,8 @@ def owner_alive_here(owner: str | None) -> bool | None:
     parts = owner.split(":")
     if len(parts) < 2 or parts[0] != socket.gethostname() or not parts[1].isdigit():
         return None
+    if int(parts[1]) == os.getpid():
+        return False  # claim() never asks about its own owner id
     return proc.pid_alive(int(parts[1]))
 
 
