@@ -278,7 +278,7 @@ def follow_log(api: Any, namespace: str, pod: str, timeout_s: float) -> Iterator
     """The container's log, line by line, until it ends (follow=True)."""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
-    from urllib3.exceptions import HTTPError
+    from urllib3.exceptions import HTTPError, ReadTimeoutError
 
     what = f"log of pod {namespace}/{pod}"
     try:
@@ -292,6 +292,8 @@ def follow_log(api: Any, namespace: str, pod: str, timeout_s: float) -> Iterator
         )
     except ApiException as exc:
         raise _api_error(exc, what) from None
+    except ReadTimeoutError:
+        return  # no answer in the time left: the caller's deadline (see below)
     except HTTPError as exc:
         raise _transport_error(exc, what) from None
     buffer = b""
@@ -303,6 +305,9 @@ def follow_log(api: Any, namespace: str, pod: str, timeout_s: float) -> Iterator
                 yield line.decode("utf-8", "replace").rstrip("\r")
         if buffer:
             yield buffer.decode("utf-8", "replace").rstrip("\r")
+    except ReadTimeoutError:
+        # The read timeout is the time left: the caller's deadline, not the API, ran out.
+        return
     except HTTPError as exc:
         raise _transport_error(exc, what) from None
     finally:

@@ -152,6 +152,21 @@ def test_failed_job_streams_every_attempt_and_raises(replay: ReplayServer, kind_
     assert failure.value.exit_code == 1
 
 
+def test_a_quiet_log_at_the_deadline_is_a_timeout(replay: ReplayServer, kind_templates) -> None:
+    """The log read times out when the wait's time is up: that is the wait's Timeout."""
+    replay.on("POST", JOBS, Reply.file("job-created.json", 201))
+    replay.on("GET", JOB, Reply.file("job-running.json"))
+    replay.on("GET", PODS, Reply.file("pods-running.json"))
+    log = Reply.file("pod-log-success.txt")
+    replay.on("GET", LOG, Reply(log.status, log.body, log.content_type, stall_s=3.0))
+    lines: list[tuple[str, str]] = []
+    with pytest.raises(Timeout) as timeout:
+        run(replay, job_manifest(kind_templates), timeout=1.0, lines=lines)
+    assert "still running after 1s" in str(timeout.value)
+    assert "kubectl -n roost delete job roost-train-20250601-120000-ab12" in str(timeout.value)
+    assert len(lines) == 1  # the line sent before the log went quiet was shown
+
+
 def test_job_name_taken_is_a_conflict(replay: ReplayServer, kind_templates) -> None:
     replay.on("POST", JOBS, Reply.file("status-409-job-exists.json", 409))
     with pytest.raises(Conflict, match="conflict"):
