@@ -123,10 +123,18 @@ def iam_policies(cfg: AwsSettings) -> dict[str, dict[str, Any]]:
         return {
             "Sid": sid,
             "Effect": "Allow",
-            "Action": ["s3:ListBucket", "s3:GetBucketLocation"],
+            "Action": ["s3:ListBucket"],
             "Resource": arn,
             "Condition": {"StringLike": {"s3:prefix": [x for n in names for x in (n, f"{n}/*")]}},
         }
+
+    # GetBucketLocation carries no s3:prefix: under the listing's condition it never matched.
+    location = {
+        "Sid": "BucketLocation",
+        "Effect": "Allow",
+        "Action": ["s3:GetBucketLocation"],
+        "Resource": arn,
+    }
 
     def objects(sid: str, actions: list[str], prefixes: list[str]) -> dict[str, Any]:
         resources = [f"{arn}/{_prefix(p)}*" for p in prefixes]
@@ -149,6 +157,7 @@ def iam_policies(cfg: AwsSettings) -> dict[str, dict[str, Any]]:
             "Version": "2012-10-17",
             "Statement": [
                 listing("ListArtifacts", [artifacts]),
+                location,
                 objects("ReadWriteArtifacts", rw, [artifacts]),
             ],
         },
@@ -156,6 +165,7 @@ def iam_policies(cfg: AwsSettings) -> dict[str, dict[str, Any]]:
             "Version": "2012-10-17",
             "Statement": [
                 listing("ListTrainingPrefixes", [ckpt, data]),
+                location,
                 objects("ReadData", ["s3:GetObject"], [data]),
                 objects("ReadWriteCheckpoints", rw, [ckpt]),
             ],
@@ -164,6 +174,7 @@ def iam_policies(cfg: AwsSettings) -> dict[str, dict[str, Any]]:
             "Version": "2012-10-17",
             "Statement": [
                 listing("ListModels", [artifacts, ts]),
+                location,
                 objects("ReadModels", ["s3:GetObject"], [artifacts, ts]),
             ],
         },
@@ -333,16 +344,23 @@ def bootstrap(cfg: AwsSettings, dry_run: bool = False, client: Any = None) -> Pl
         "no public ACLs or policies",
     )
 
-    # 5. lifecycle
+    # 5. lifecycle: roost's rules (IDs roost-housekeeping*); the bucket's other rules stay,
+    # since a put replaces the whole configuration.
     wanted_rules = lifecycle_rules(cfg)
+    others: list[dict[str, Any]] = []
+
+    def read_lifecycle() -> Any:
+        rules = s3.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
+        others[:] = [r for r in rules if not _roost_rule(r)]
+        mine = [r for r in rules if _roost_rule(r)]
+        return _normalise_rules(mine) if mine else None
+
     run(
         "lifecycle",
-        state_or_absent(
-            lambda: _normalise_rules(s3.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"])
-        ),
+        state_or_absent(read_lifecycle),
         _normalise_rules(wanted_rules),
         lambda: s3.put_bucket_lifecycle_configuration(
-            Bucket=bucket, LifecycleConfiguration={"Rules": wanted_rules}
+            Bucket=bucket, LifecycleConfiguration={"Rules": others + wanted_rules}
         ),
         f"old versions expire after {cfg.noncurrent_version_days} d, "
         f"{_prefix(cfg.checkpoints_prefix)} after {cfg.checkpoint_days} d"
@@ -360,6 +378,10 @@ def _normalise_encryption(rules: list[dict[str, Any]]) -> list[tuple[str, str]]:
         default = rule.get("ApplyServerSideEncryptionByDefault") or {}
         out.append((str(default.get("SSEAlgorithm")), str(default.get("KMSMasterKeyID") or "")))
     return out
+
+
+def _roost_rule(rule: dict[str, Any]) -> bool:
+    return str(rule.get("ID", "")).startswith(LIFECYCLE_RULE_ID)
 
 
 def _normalise_rules(rules: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -77,6 +77,28 @@ def test_bootstrap_repairs_drift(endpoint: str) -> None:
     assert s3(endpoint).get_bucket_versioning(Bucket="roost-boot-2")["Status"] == "Enabled"
 
 
+def test_bootstrap_keeps_the_buckets_own_lifecycle_rules(endpoint: str) -> None:
+    """A lifecycle put replaces every rule: roost adds its own beside the bucket's."""
+    client = s3(endpoint)
+    client.create_bucket(Bucket="roost-boot-7")
+    theirs = {"ID": "logs-expire", "Status": "Enabled", "Filter": {"Prefix": "logs/"},
+              "Expiration": {"Days": 90}}  # fmt: skip
+    client.put_bucket_lifecycle_configuration(
+        Bucket="roost-boot-7", LifecycleConfiguration={"Rules": [theirs]}
+    )
+    cfg = AwsSettings(bucket="roost-boot-7", endpoint_url=endpoint)
+
+    assert actions(aws.bootstrap(cfg))["lifecycle"] == "create"  # none of roost's yet
+
+    rules = {
+        r["ID"]: r
+        for r in client.get_bucket_lifecycle_configuration(Bucket="roost-boot-7")["Rules"]
+    }
+    assert set(rules) == {"logs-expire", "roost-housekeeping", "roost-housekeeping-checkpoints"}
+    assert rules["logs-expire"]["Expiration"] == {"Days": 90}
+    assert actions(aws.bootstrap(cfg))["lifecycle"] == "unchanged"
+
+
 def test_dry_run_changes_nothing(endpoint: str) -> None:
     cfg = AwsSettings(bucket="roost-boot-3", endpoint_url=endpoint)
     plan = aws.bootstrap(cfg, dry_run=True)
