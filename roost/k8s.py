@@ -112,9 +112,13 @@ def get_isvc(api: Any, namespace: str, name: str) -> dict[str, Any]:
 
 
 def apply_isvc(
-    api: Any, namespace: str, manifest: dict[str, Any], force: bool = False
+    api: Any,
+    namespace: str,
+    manifest: dict[str, Any],
+    force: bool = False,
+    field_manager: str = FIELD_MANAGER,
 ) -> dict[str, Any]:
-    """Server-side apply of an InferenceService manifest (create or patch), field manager roost."""
+    """Server-side apply of an InferenceService manifest (create or patch) as ``field_manager``."""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import HTTPError
@@ -131,7 +135,7 @@ def apply_isvc(
                 ISVC_PLURAL,
                 name,
                 manifest,
-                field_manager=FIELD_MANAGER,
+                field_manager=field_manager,
                 force=force,
                 _content_type="application/apply-patch+yaml",
             ),

@@ -153,12 +153,27 @@ def test_traffic_manifest_for_a_model_format_predictor() -> None:
 
 def test_traffic_manifest_for_a_custom_container_predictor() -> None:
     isvc = fixture("isvc-sentiment.json")
-    isvc["spec"]["predictor"] = {"containers": [{"name": "kserve-container", "image": "x"}]}
+    isvc["spec"]["predictor"] = {
+        "containers": [
+            {"name": "kserve-container", "image": "x", "args": ["serve"],
+             "env": [{"name": "STORAGE_URI", "value": "s3://b/1"}, {"name": "LOG", "value": "1"}]},
+            {"name": "sidecar", "image": "y"},
+        ]
+    }  # fmt: skip
     manifest = traffic_manifest(isvc, "2", "s3://b/2", 10)
-    container = manifest["spec"]["predictor"]["containers"][0]
-    assert container["name"] == "kserve-container"
-    assert {"name": "STORAGE_URI", "value": "s3://b/2"} in container["env"]
+    # The list is atomic in KServe's CRD: the apply carries every container, whole.
+    containers = manifest["spec"]["predictor"]["containers"]
+    assert [c["name"] for c in containers] == ["kserve-container", "sidecar"]
+    container = containers[0]
+    assert (container["image"], container["args"]) == ("x", ["serve"])
+    assert container["env"] == [
+        {"name": "LOG", "value": "1"},
+        {"name": "STORAGE_URI", "value": "s3://b/2"},
+        {"name": "ROOST_SERVING__MODEL_VERSION", "value": "2"},
+    ]
+    assert containers[1] == {"name": "sidecar", "image": "y"}
     assert storage_uri_of(merged(isvc, manifest)) == "s3://b/2"
+    assert isvc["spec"]["predictor"]["containers"][0]["env"][0]["value"] == "s3://b/1"  # a copy
 
 
 def merged(isvc: dict, manifest: dict) -> dict:  # type: ignore[type-arg]

@@ -17,6 +17,7 @@ removes the fields its manager applied before and left out this time.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -28,7 +29,7 @@ import httpx
 
 from roost import k8s
 from roost.config import Settings
-from roost.errors import Conflict, NotFound, Unavailable
+from roost.errors import Conflict
 from roost.rollout.analysis import SERIES, Snapshot, parse_exposition, parse_query_result
 from roost.rollout.backends.base import Backend, MetricsUnavailable, Readiness
 from roost.rollout.state import Command, RolloutState
@@ -67,17 +68,20 @@ def traffic_manifest(
     predictor: dict[str, Any] = {}
     if weight is not None:
         predictor["canaryTrafficPercent"] = weight
-    if "model" in predictor_spec or "containers" not in predictor_spec:
+    if "model" in predictor_spec or not predictor_spec.get("containers"):
         predictor["model"] = {"storageUri": storage_uri, "env": env}
     else:
-        containers = predictor_spec.get("containers") or [{}]
-        name = next(
-            (c.get("name") for c in containers if c.get("name") == PREDICTOR_CONTAINER),
-            containers[0].get("name") or PREDICTOR_CONTAINER,
+        # predictor.containers is an atomic list in KServe's CRD (no list-map keys): an apply
+        # replaces it whole, so it carries every container as it is, with the env changed.
+        containers = copy.deepcopy(predictor_spec["containers"])
+        target = next(
+            (c for c in containers if c.get("name") == PREDICTOR_CONTAINER), containers[0]
         )
-        predictor["containers"] = [
-            {"name": name, "env": [{"name": "STORAGE_URI", "value": storage_uri}, *env]}
-        ]
+        ours = [{"name": "STORAGE_URI", "value": storage_uri}, *env]
+        names = {e["name"] for e in ours}
+        kept = [e for e in target.get("env") or [] if e.get("name") not in names]
+        target["env"] = [*kept, *ours]
+        predictor["containers"] = containers
     return {
         "apiVersion": f"{k8s.KSERVE_GROUP}/{k8s.KSERVE_VERSION}",
         "kind": "InferenceService",
@@ -162,23 +166,7 @@ class KServeBackend(Backend):
         return k8s.get_isvc(self.api, self.namespace, self.isvc)
 
     def _apply(self, manifest: dict[str, Any], manager: str, force: bool = True) -> dict[str, Any]:
-        from kubernetes import client
-        from kubernetes.client.exceptions import ApiException
-
-        what = f"InferenceService {self.namespace}/{self.isvc}"
-        try:
-            obj = client.CustomObjectsApi(self.api).patch_namespaced_custom_object(
-                k8s.KSERVE_GROUP, k8s.KSERVE_VERSION, self.namespace, k8s.ISVC_PLURAL, self.isvc,
-                manifest, field_manager=manager, force=force,
-                _content_type="application/apply-patch+yaml",
-            )  # fmt: skip
-        except ApiException as exc:
-            if exc.status == 409:
-                raise Conflict(f"{what}: conflict ({exc.reason})") from None
-            if exc.status == 404:
-                raise NotFound(f"{what} not found") from None
-            raise Unavailable(f"{what}: Kubernetes API error {exc.status} {exc.reason}") from None
-        return dict(obj) if isinstance(obj, dict) else {}
+        return k8s.apply_isvc(self.api, self.namespace, manifest, force, field_manager=manager)
 
     def _annotation_manifest(
         self, obj: dict[str, Any], key: str, value: str, precondition: bool
@@ -299,6 +287,7 @@ class KServeBackend(Backend):
     def _scrape_pods(self) -> Snapshot:
         from kubernetes import client
         from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
 
         selector = f"serving.kserve.io/inferenceservice={self.isvc},component=predictor"
         try:
@@ -309,6 +298,8 @@ class KServeBackend(Backend):
             raise MetricsUnavailable(
                 f"cannot list predictor pods: {exc.status} {exc.reason}"
             ) from None
+        except HTTPError as exc:
+            raise MetricsUnavailable(f"cannot list predictor pods: {exc}") from None
         snapshot: Snapshot = {}
         for pod in pods.items:
             status, meta = pod.status, pod.metadata
