@@ -127,6 +127,21 @@ def schema_error(values: dict[str, Any]) -> str:
     return str(error.value)
 
 
+def test_mlflow_ingress_needs_a_network_policy_peer() -> None:
+    import helm_python
+
+    values = values_of(VALUE_SETS["kind"], {"mlflow": {"ingress": {"enabled": True}}})
+    with pytest.raises(helm_python.HelmError, match="networkPolicy.mlflowExtraFrom"):
+        render(values)
+    (policy,) = find(
+        documents(render(values_of(VALUE_SETS["ci-kind"]))), "NetworkPolicy", "roost-mlflow"
+    )
+    peers = policy["spec"]["ingress"][0]["from"]
+    assert {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}
+    } in peers
+
+
 def test_schema_rejects_a_misspelt_key() -> None:
     message = schema_error({"mlflow": {"replica": 2}})
     assert "/mlflow" in message and "replica" in message
