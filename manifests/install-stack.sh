@@ -50,7 +50,7 @@ if ! kubectl get crd podmonitors.monitoring.coreos.com >/dev/null 2>&1; then
   say "no Prometheus operator (PodMonitor CRD): leaving the PodMonitor out"
   selector=(--selector 'roost.io/optional!=prometheus')
 fi
-kubectl apply --server-side -k "${HERE}/overlays/${PLATFORM}" "${selector[@]}"
+kubectl apply --server-side -k "${HERE}/overlays/${PLATFORM}" ${selector[@]+"${selector[@]}"}
 kubectl -n knative-serving wait knativeserving/knative-serving --for=condition=Ready --timeout=10m
 
 if [[ "${PLATFORM}" == kind ]]; then
