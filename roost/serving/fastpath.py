@@ -217,7 +217,12 @@ def http_protocol(fast: FastPath) -> type[Any] | None:
                 super()._start_asgi_task(cycle, app)  # KServe's path reruns it, renders errors
                 return
             predicted = time.perf_counter()
-            body = fast.encode(protocol, request_id, done.result())
+            try:
+                body = fast.encode(protocol, request_id, done.result())
+            except Exception:  # a callback has no caller to tell: KServe's path answers instead
+                log.exception("fast path could not encode an answer; KServe's path serves it")
+                super()._start_asgi_task(cycle, app)
+                return
             head = [status_200]
             for name, value in (*cycle.default_headers, *fast.headers):
                 head += [name, b": ", value, b"\r\n"]

@@ -118,10 +118,11 @@ class RoostModelServer(kserve.ModelServer):  # type: ignore[misc]
                 self._grpc_server = GRPCServer(*grpc_args, **grpc_kwargs)
             self.servers.append(self._grpc_server.start(self.max_threads))
         self.register_signal_handler()
+        workers: int | None = getattr(self, "max_asyncio_workers", None)
+        if workers is None:  # KServe's formula, over the pod's CPU limit
+            self.max_asyncio_workers = min(32, proc.cpu_limit() + 4)
         with asyncio.Runner(loop_factory=loop_factory(cfg.event_loop)) as runner:
             loop = runner.get_loop()
-            loop.set_default_executor(
-                concurrent.futures.ThreadPoolExecutor(max_workers=min(32, proc.cpu_limit() + 4))
-            )
+            self.setup_event_loop()  # KServe's: its loop exception handler and the executor
             log.info("event loop %s", type(loop).__module__)
             runner.run(self._serve())
