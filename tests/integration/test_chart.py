@@ -131,7 +131,7 @@ def test_mlflow_ingress_needs_a_network_policy_peer() -> None:
     import helm_python
 
     values = values_of(VALUE_SETS["kind"], {"mlflow": {"ingress": {"enabled": True}}})
-    with pytest.raises(helm_python.HelmError, match="networkPolicy.mlflowExtraFrom"):
+    with pytest.raises(helm_python.HelmError, match=r"networkPolicy\.mlflowExtraFrom"):
         render(values)
     (policy,) = find(
         documents(render(values_of(VALUE_SETS["ci-kind"]))), "NetworkPolicy", "roost-mlflow"

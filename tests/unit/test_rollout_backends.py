@@ -211,14 +211,20 @@ def test_prometheus_query_selects_the_roost_series() -> None:
     assert query.endswith(',model="sentiment",namespace="roost"}')
 
 
-def test_an_earlier_run_with_this_pid_is_not_alive() -> None:
-    """A restarted container: same hostname, the controller is PID 1 again, new owner token."""
+def test_an_owner_with_this_pid_is_judged_by_its_lease() -> None:
+    """A restarted container: same hostname, PID 1 again, new token; or a second driver here."""
     import socket
 
     from roost.rollout.backends.base import owner_alive_here, owner_id
 
     host = socket.gethostname()
-    assert owner_alive_here(f"{host}:{os.getpid()}:earlier1") is False
+    earlier = f"{host}:{os.getpid()}:earlier1"
+    assert owner_alive_here(earlier) is None  # not "alive" because our own pid is
+    claim = engine.claim  # a stale lease is taken over, a fresh one is kept
+    stale = dataclasses.replace(new_state(), owner=earlier, heartbeat=0.0)
+    assert claim(stale, owner_id(), 100.0, 30.0, owner_alive_here(earlier)) is not None
+    fresh = dataclasses.replace(stale, heartbeat=90.0)
+    assert claim(fresh, owner_id(), 100.0, 30.0, owner_alive_here(earlier)) is None
     assert owner_alive_here(f"{host}:{os.getppid()}:parent01") is True
     assert owner_alive_here(f"other-{host}:{os.getpid()}:x") is None
     assert owner_id().startswith(f"{host}:{os.getpid()}:")

@@ -48,8 +48,10 @@ def owner_id() -> str:
 def owner_alive_here(owner: str | None) -> bool | None:
     """False if ``owner`` is a process on this host that is gone; None if we cannot tell.
 
-    An owner with this process's own pid but not its id is an earlier run of the same pid:
-    a restarted container, where the controller is PID 1 again and the hostname is the same.
+    An owner with this process's own pid but not its id cannot be told by its pid: another
+    driver in this process, or an earlier run of the same pid (a restarted container, where
+    the controller is PID 1 again under the same hostname). Its heartbeat decides: the lease
+    of a dead run expires, a live driver keeps renewing it.
     """
     from roost import proc
 
@@ -59,7 +61,7 @@ def owner_alive_here(owner: str | None) -> bool | None:
     if len(parts) < 2 or parts[0] != socket.gethostname() or not parts[1].isdigit():
         return None
     if int(parts[1]) == os.getpid():
-        return False  # claim() never asks about its own owner id
+        return None
     return proc.pid_alive(int(parts[1]))
 
 
