@@ -10,14 +10,13 @@ import typer
 from rich.table import Table
 
 from roost.cli.app import state
-from roost.cli.output import console, emit_json
+from roost.cli.output import JsonFlag, console, emit_json
 from roost.config import Settings
 
 app = typer.Typer(
     help="Benchmark serving (roost vs TorchServe vs the raw model) and export for TorchServe.",
 )
 
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 VersionOpt = Annotated[
     str | None,
     typer.Option(

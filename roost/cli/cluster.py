@@ -12,7 +12,7 @@ from rich.table import Table
 
 from roost import aws, k8s, k8s_jobs
 from roost.cli.app import state
-from roost.cli.output import console, emit_json, interactive
+from roost.cli.output import JsonFlag, console, emit_json, interactive
 from roost.config import Settings
 from roost.errors import ConfigError
 
@@ -22,7 +22,6 @@ aws_app = typer.Typer(
     epilog="Example: roost aws bootstrap --bucket roost-artifacts-123456789012 --dry-run",
 )
 
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 BucketOpt = Annotated[
     str | None, typer.Option(help="Bucket name (also aws.bucket).", show_default=False)
 ]

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from roost.cli.app import state
-from roost.cli.output import EpochProgress, console, emit_json, interactive
+from roost.cli.output import EpochProgress, JsonFlag, console, emit_json, interactive
 from roost.demo import DemoReport, run_demo
 
 
@@ -23,9 +23,7 @@ def demo(
     keep_running: Annotated[
         bool, typer.Option(help="Leave MLflow and the model server running at the end.")
     ] = False,
-    json_output: Annotated[
-        bool, typer.Option("--json", help="Print one JSON document on stdout.")
-    ] = False,
+    json_output: JsonFlag = False,
 ) -> None:
     """Run MLflow, train, gate, canary, serve and predict on this machine (loopback only)."""
     settings = state(ctx).settings(**{"data.max_rows": max_rows, "train.epochs": epochs})

@@ -10,13 +10,12 @@ from rich.table import Table
 from roost import registry as reg
 from roost import tracking
 from roost.cli.app import state
-from roost.cli.output import console, emit_json
+from roost.cli.output import JsonFlag, console, emit_json
 
 app = typer.Typer(no_args_is_help=True, help="Inspect versions and move aliases in the registry.")
 alias_app = typer.Typer(no_args_is_help=True, help="Set or delete a registered model alias.")
 app.add_typer(alias_app, name="alias")
 
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 ModelOpt = Annotated[
     str | None,
     typer.Option("--model", help="Registered model (default: sentiment).", show_default=False),

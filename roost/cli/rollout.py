@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from roost.cli.app import state as cli_state
-from roost.cli.output import console, emit_json
+from roost.cli.output import JsonFlag, console, emit_json
 from roost.config import Settings
 from roost.errors import ConfigError, NotFound, RolloutAborted, Unavailable
 from roost.rollout import engine
@@ -39,7 +39,6 @@ BackendOpt = Annotated[
     typer.Option("--backend", help="Traffic backend: local (nginx) or kserve (default: local).",
                  show_default=False),
 ]  # fmt: skip
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 TimeoutOpt = Annotated[
     float | None,
     typer.Option(help="Give up waiting after this many seconds (the rollout stays in flight).",

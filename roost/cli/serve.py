@@ -11,7 +11,7 @@ from rich.table import Table
 
 from roost import client
 from roost.cli.app import state
-from roost.cli.output import console, emit_json
+from roost.cli.output import JsonFlag, console, emit_json
 from roost.errors import ConfigError
 
 
@@ -83,9 +83,7 @@ def predict(
     grpc_target: Annotated[str, typer.Option(help="gRPC host:port.")] = "127.0.0.1:8081",
     model: Annotated[str, typer.Option(help="Model name on the server.")] = "sentiment",
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 30.0,
-    json_output: Annotated[
-        bool, typer.Option("--json", help="Print one JSON document on stdout.")
-    ] = False,
+    json_output: JsonFlag = False,
 ) -> None:
     """Classify texts with a running model server; prints label and confidence."""
     items = list(texts or [])

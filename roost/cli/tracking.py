@@ -10,12 +10,10 @@ import typer
 
 from roost import tracking
 from roost.cli.app import state
-from roost.cli.output import console, emit_json
+from roost.cli.output import JsonFlag, console, emit_json
 from roost.errors import TrackingUnavailable
 
 app = typer.Typer(no_args_is_help=True, help="Run and inspect the MLflow tracking server.")
-
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 
 
 @app.command()

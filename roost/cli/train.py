@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from roost.cli.app import state
-from roost.cli.output import EpochProgress, console, emit_json, interactive
+from roost.cli.output import EpochProgress, JsonFlag, console, emit_json, interactive
 from roost.train import TrainOutcome, run_training
 
 
@@ -57,9 +57,7 @@ def train(
     on: Annotated[
         str, typer.Option(help="Where to run: local (in-process) or k8s (a Job).")
     ] = "local",
-    json_output: Annotated[
-        bool, typer.Option("--json", help="Print one JSON document on stdout.")
-    ] = False,
+    json_output: JsonFlag = False,
 ) -> None:
     """Train the sentiment classifier and log params, metrics, plots, data and model to MLflow."""
     flags = {
