@@ -98,22 +98,30 @@ def champion(settings: Settings) -> Champion:
     )
 
 
-@pytest.fixture(scope="session")
-def model_server(
-    settings: Settings, champion: Champion, state_dir: Path
+def serve_champion(
+    settings: Settings, log: Path, env: dict[str, str] | None = None
 ) -> Iterator[local.LocalServer]:
-    """`roost serve` (KServe ModelServer) for models:/sentiment@champion on free ports."""
+    """`roost serve` for models:/sentiment@champion on free ports, ready, stopped afterwards."""
     server = local.start(
         settings,
         f"models:/{settings.registry.model_name}@{settings.registry.champion_alias}",
-        state_dir / "logs" / "model-server.log",
+        log,
         tracking_uri=settings.tracking.uri,
+        env=env,
     )
     try:
         server.wait_ready(timeout=120)
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def model_server(
+    settings: Settings, champion: Champion, state_dir: Path
+) -> Iterator[local.LocalServer]:
+    """`roost serve` (KServe ModelServer) for models:/sentiment@champion on free ports."""
+    yield from serve_champion(settings, state_dir / "logs" / "model-server.log")
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 
 from roost import proc
 from roost.config import Settings
-from roost.serving import local
 from roost.serving.local import LocalServer
+from tests.conftest import serve_champion
 
 pytestmark = pytest.mark.integration
 
@@ -33,18 +33,8 @@ TEXTS = ["I love this airline!", "Worst delay ever, thanks @united", "ok http://
 
 @pytest.fixture(scope="module")
 def slow_server(settings: Settings, champion: Any, state_dir: Path) -> Iterator[LocalServer]:
-    server = local.start(
-        settings,
-        f"models:/{settings.registry.model_name}@{settings.registry.champion_alias}",
-        state_dir / "logs" / "model-server-full-path.log",
-        tracking_uri=settings.tracking.uri,
-        env={"ROOST_SERVING__FAST_PATH": "false"},
-    )
-    try:
-        server.wait_ready(timeout=120)
-        yield server
-    finally:
-        server.stop()
+    log = state_dir / "logs" / "model-server-full-path.log"
+    yield from serve_champion(settings, log, env={"ROOST_SERVING__FAST_PATH": "false"})
 
 
 def v2(data: Any, shape: list[int], **extra: Any) -> dict[str, Any]:
