@@ -267,6 +267,19 @@ class K8sSettings(_Section):
     )
     poll_s: float = Field(2.0, gt=0, description="Seconds between status reads while waiting.")
 
+    @model_validator(mode="after")
+    def _storage_uri_pattern(self) -> K8sSettings:
+        pattern = self.torchserve_storage_uri
+        if pattern is not None:
+            try:
+                pattern.format(model="m", version="1")
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ValueError(
+                    "k8s.torchserve_storage_uri: only {model} and {version} may be "
+                    f"placeholders ({type(exc).__name__}: {exc})"
+                ) from None
+        return self
+
 
 class AwsSettings(_Section):
     """AWS (owned by roost.aws): the artifact bucket that MLflow, training and KServe share."""

@@ -39,6 +39,7 @@ TEMPLATE_ISVC = "inferenceservice.yaml"
 TEMPLATE_ISVC_GRPC = "inferenceservice-grpc.yaml"
 TEMPLATE_ARTIFACTS = "artifacts-destination"
 TEMPLATE_RUNTIME = "runtime"
+TEMPLATE_MODEL_NAME = "model-name"
 
 
 def load_client(context: str | None = None) -> Any:

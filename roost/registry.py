@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from roost import data, evaluation, tracking
+from roost import data, evaluation, proc, tracking
 from roost.config import Settings
 from roost.errors import AliasNotFound, NotFound, RoostError
 
@@ -209,15 +209,13 @@ class Registry:
 
 
 def _wait_ready(client: Any, name: str, version: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def ready() -> bool:
         status = client.get_model_version(name, version).status
-        if status == "READY":
-            return
         if status == "FAILED_REGISTRATION":
             raise RoostError(f"registration of {name} v{version} failed")
-        time.sleep(0.2)
-    raise RoostError(f"{name} v{version} not READY after {timeout:.0f}s")
+        return bool(status == "READY")
+
+    proc.wait_until(ready, timeout, 0.2, what=f"{name} v{version} to be READY")
 
 
 def latest_run_id(tracking_uri: str, experiment: str) -> str:

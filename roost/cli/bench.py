@@ -122,9 +122,12 @@ def profile(
     out: Annotated[
         Path, typer.Option(help="Directory for the summary (samples go to state_dir/bench).")
     ],
-    rate: Annotated[float, typer.Option(help="Open-loop load, requests/s.")] = 10000.0,
+    rate: Annotated[float, typer.Option(help="Open-loop load, requests/s.", min=1.0)] = 10000.0,
     protocol: Annotated[str, typer.Option(help="rest-v2 or grpc-v2.")] = "rest-v2",
-    seconds: Annotated[float, typer.Option(help="Seconds of load while sampling.")] = 5.0,
+    seconds: Annotated[
+        float,
+        typer.Option(help="Seconds of load while sampling (py-spy takes whole seconds).", min=1.0),
+    ] = 5.0,
     version: VersionOpt = None,
     alias: AliasOpt = None,
     json_output: JsonFlag = False,

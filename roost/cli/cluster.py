@@ -36,7 +36,7 @@ RUNTIME_TORCHSERVE = "torchserve"
 # -- roost train --on k8s --------------------------------------------------------------------
 
 
-def train_on_k8s(ctx: typer.Context, settings: Settings, json_output: bool) -> None:
+def train_on_k8s(settings: Settings, json_output: bool) -> None:
     """Run training as a Job from the chart's template; stream logs; report the MLflow run."""
     cfg = settings.k8s
     env = k8s_jobs.training_env(settings)  # bad flags fail before anything is created
@@ -211,7 +211,7 @@ def deploy(
         return
     console.print(f"[bold green]Ready[/]: {target} serves version {version} at {result.url}")
     host = (result.url or "").split("://", 1)[-1]
-    served = templates.get("model-name", "sentiment")
+    served = templates.get(k8s.TEMPLATE_MODEL_NAME, settings.serving.model_name)
     if protocol == "rest" and host:
         console.print(
             f'call it: curl -H "Host: {host}" http://<ingress>/v2/models/{served}/infer '

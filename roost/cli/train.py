@@ -79,7 +79,7 @@ def train(
     if on == "k8s":
         from roost.cli.cluster import train_on_k8s
 
-        train_on_k8s(ctx, settings, json_output)
+        train_on_k8s(settings, json_output)
         return
     with EpochProgress(show_bars=interactive(json_output), quiet=json_output) as progress:
         outcome = run_training(settings, progress)

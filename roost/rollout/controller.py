@@ -306,6 +306,11 @@ class Controller:
             except Conflict as exc:
                 log.info("state changed under us, re-reading: %s", exc)
                 self._memo = None
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise Timeout(
+                        f"rollout of {self.model}: its state kept changing under this driver "
+                        f"for {timeout:g}s ({exc})"
+                    ) from None
                 if self.stop.wait(min(self.cfg.poll_s, 0.2)):
                     raise RoostError("stopped") from None
                 continue
