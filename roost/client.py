@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from roost.errors import RoostError, Unavailable
+
+if TYPE_CHECKING:  # imported where a request is sent: `roost --help` imports this module
+    import httpx
 
 
 class Protocol(StrEnum):
@@ -58,6 +59,8 @@ def predict(
 def _predict_rest(
     texts: Sequence[str], protocol: Protocol, url: str, model: str, timeout: float
 ) -> PredictResult:
+    import httpx
+
     body: dict[str, Any]
     if protocol is Protocol.V1:
         endpoint, body = f"{url}/v1/models/{model}:predict", {"instances": list(texts)}

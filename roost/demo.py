@@ -19,19 +19,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from roost import client, data, registry, tracking
+from roost import client, registry, tracking
 from roost.config import Settings
+from roost.rollout.traffic import SAMPLE_TEXTS
 from roost.serving import local
 from roost.train import TrainOutcome, TrainProgress, run_training
 
 log = logging.getLogger(__name__)
-
-SAMPLE_TEXTS = [
-    "I love how smooth the new update is, great job!",
-    "The flight was delayed three hours and nobody told us anything.",
-    "The meeting is scheduled for Tuesday at 10am.",
-]
-
 
 # The demo's canary: short windows, enough generated traffic for a verdict at 10 %.
 DEMO_ROLLOUT = {"window_s": 8.0, "check_interval_s": 1.0, "min_requests": 20, "poll_s": 0.25}
@@ -183,7 +177,8 @@ def run_canary(
     from roost.rollout.backends.local import LocalBackend
     from roost.rollout.controller import Controller
     from roost.rollout.state import RolloutState
-    from roost.rollout.traffic import Traffic, first_answer_from, summary
+    from roost.rollout.traffic import Traffic, first_answer_from, run_texts, start_canary_traffic
+    from roost.rollout.traffic import summary as traffic_summary
 
     canary_settings = settings.model_copy(
         update={"rollout": settings.rollout.model_copy(update=DEMO_ROLLOUT)}
@@ -203,18 +198,16 @@ def run_canary(
         notify(f"an earlier rollout of v{previous.version} was left in flight: aborting it")
         controller.request("abort", by="roost demo")
     reg = registry.Registry(tracking_uri, settings.registry.model_name)
-    texts = [str(t) for t in reg.test_split(run_id)[data.TEXT].tolist()]
+    texts = run_texts(reg, run_id)
     state = controller.start(version)
     plan = state.plan
     notify(plan.describe())
     started = time.time()
     traffic: Traffic | None = None
     try:
-        controller.tick()  # first weight: servers and proxy come up
-        endpoint = backend.endpoint()
-        assert endpoint is not None
-        model_name = canary_settings.serving.model_name
-        traffic = Traffic(endpoint, model_name, texts, rps=DEMO_TRAFFIC_RPS).start()
+        traffic = start_canary_traffic(
+            controller, backend, canary_settings.serving.model_name, texts, DEMO_TRAFFIC_RPS
+        )
         final = controller.run(timeout=plan.min_promotion_s * 3 + 180)
         answers = traffic.stop()
     finally:
@@ -232,7 +225,7 @@ def run_canary(
         "failure": final.failure,
         "plan": plan.to_dict(),
         "steps": engine.steps_table(final),
-        "traffic": summary(answers),
+        "traffic": traffic_summary(answers),
         "first_canary_answer_s": None if first is None else round(first - started, 3),
         "proxy": backend.describe() if keep_running else {},
         "mlflow_run": final.run_id,

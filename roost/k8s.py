@@ -24,6 +24,8 @@ import yaml
 
 from roost import config as roost_config
 from roost.errors import ConfigError, Conflict, NotFound, Timeout, Unavailable
+from roost.rollout.state import TERMINAL
+from roost.rollout.store import STATE_ANNOTATION
 
 log = logging.getLogger(__name__)
 
@@ -377,7 +379,7 @@ def deploy(
     except NotFound:
         current = None
     phase = rollout_phase(current) if current is not None else None
-    if phase is not None and phase not in TERMINAL_ROLLOUT_PHASES:
+    if phase is not None and phase not in {p.value for p in TERMINAL}:
         raise Conflict(
             f"InferenceService {namespace}/{name} has a rollout in flight ({phase}): "
             "let it finish or run `roost rollout abort` first"
@@ -401,13 +403,9 @@ def deploy(
     )
 
 
-ROLLOUT_STATE_ANNOTATION = "rollout.roost.io/state"
-TERMINAL_ROLLOUT_PHASES = frozenset({"promoted", "rolled_back"})
-
-
 def rollout_phase(obj: dict[str, Any]) -> str | None:
     """The phase of the rollout recorded on the object (roost.rollout's annotation), if any."""
-    raw = ((obj.get("metadata") or {}).get("annotations") or {}).get(ROLLOUT_STATE_ANNOTATION)
+    raw = ((obj.get("metadata") or {}).get("annotations") or {}).get(STATE_ANNOTATION)
     if not raw:
         return None
     try:

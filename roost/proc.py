@@ -179,3 +179,29 @@ def cpu_limit() -> int:
     except (OSError, ValueError):
         pass
     return count
+
+
+def git_commit(mark_dirty: bool = False) -> str | None:
+    """The commit roost's code is at: ``ROOST_GIT_COMMIT`` (images set it), else git's HEAD.
+
+    With ``mark_dirty``, ``-dirty`` is appended when tracked files differ from HEAD. None when
+    neither is known (an installed package outside a checkout, no git).
+    """
+    from roost import config
+
+    commit = config.environ("ROOST_GIT_COMMIT")
+    if commit:
+        return commit
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        head = git("rev-parse", "HEAD")
+        dirty = mark_dirty and bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + "-dirty" if dirty else head) or None

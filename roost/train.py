@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import logging
-import subprocess
 import tempfile
 import time
 import warnings
@@ -26,7 +25,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from roost import config, data, evaluation, storage, tracking
+from roost import data, evaluation, proc, storage, tracking
 from roost.classifier import TextClassifier
 from roost.config import ModelSettings, Settings, TrainSettings
 from roost.errors import NotFound
@@ -347,19 +346,6 @@ def evaluate(classifier: TextClassifier, frame: pd.DataFrame) -> evaluation.Repo
     )
 
 
-def git_commit() -> str | None:
-    commit = config.environ("ROOST_GIT_COMMIT")
-    if commit:
-        return commit
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
 def _params(settings: Settings, splits: data.Splits) -> dict[str, Any]:
     params: dict[str, Any] = {}
     for section in ("data", "model", "train"):
@@ -413,7 +399,7 @@ def run_training(settings: Settings, progress: TrainProgress | None = None) -> T
         if resume is None:
             mlflow.log_params(_params(settings, splits))
             tags = {"roost.kind": "train", "roost.data.source": splits.source}
-            commit = git_commit()
+            commit = proc.git_commit()
             if commit:
                 tags["mlflow.source.git.commit"] = commit
                 tags["roost.git_commit"] = commit

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
+from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from roost import proc
 
 JSON_NAME = "bench.json"
 TABLE_NAME = "bench.md"
 PLOT_NAME = "bench.png"
+LIBRARIES = (
+    "torch", "kserve", "uvicorn", "uvloop", "fastapi", "grpcio", "orjson", "numpy",
+    "torchserve", "torch-model-archiver",
+)  # fmt: skip
 
 
 def write(result: dict[str, Any], out: Path, command: str) -> dict[str, Path]:
@@ -133,3 +142,73 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+# -- what bench.json says besides the servers: the machine, the libraries, the targets --
+def machine(load_before: tuple[float, float, float], client_nice: int) -> dict[str, Any]:
+    cpu_model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_limit": proc.cpu_limit(),
+        "cpu_model": cpu_model,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_avg_before": [round(x, 2) for x in load_before],
+        "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+        "client_nice": client_nice,
+    }
+
+
+def libraries() -> dict[str, str]:
+    out = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def targets(result: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets, computed from this run's numbers (same machine, same run)."""
+    servers: list[dict[str, Any]] = result["servers"]
+
+    def find(name: str, protocol: str, per_request: int = 1) -> dict[str, Any] | None:
+        for s in servers:
+            if (s["name"], s["protocol"], s["texts_per_request"]) == (name, protocol, per_request):
+                return s
+        return None
+
+    roost_rest = find("roost", "rest-v2")
+    torchserve_rest = find("torchserve", "rest")
+    raw = float(result["raw_forward"]["max_seq_per_s"])
+    out: dict[str, Any] = {}
+    if roost_rest and torchserve_rest and torchserve_rest["max_rps_p99_50ms"] > 0:
+        ratio = roost_rest["max_rps_p99_50ms"] / torchserve_rest["max_rps_p99_50ms"]
+        out["roost_vs_torchserve"] = {"value": round(ratio, 2), "target": 2.0, "met": ratio >= 2.0}
+    roost_best = max(
+        (s for s in servers if s["name"] == "roost"),
+        key=lambda s: s["max_seq_per_s_p99_50ms"],
+        default=None,
+    )
+    if roost_rest and raw > 0:
+        single = roost_rest["max_seq_per_s_p99_50ms"] / raw
+        best = roost_best["max_seq_per_s_p99_50ms"] / raw if roost_best else single
+        out["roost_vs_raw"] = {
+            "value": round(single, 3),
+            "value_best_request_shape": round(best, 3),
+            "best_texts_per_request": roost_best["texts_per_request"] if roost_best else 1,
+            "target": 0.7,
+            "met": single >= 0.7,
+        }
+    if roost_rest:
+        cold = roost_rest["cold_start_s"]
+        out["cold_start"] = {"value": cold, "target": 2.0, "met": cold <= 2.0}
+    return out

@@ -7,7 +7,6 @@ Every ``RoostError`` becomes one line on stderr and its exit code (0 ok, 1 unexp
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,7 +14,8 @@ import typer
 from typer.core import TyperGroup
 
 from roost import __version__, logs
-from roost.config import Settings, load_settings, nested
+from roost.cli.context import CliState
+from roost.cli.context import state as state  # old import path; commands use cli.context
 from roost.errors import RoostError
 
 
@@ -42,24 +42,6 @@ def _fail(message: str, code: int) -> None:
     first_line = message.strip().splitlines()[0] if message.strip() else "failed"
     console.print(f"[bold red]error:[/] {first_line}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
-
-
-@dataclass
-class CliState:
-    config_file: Path | None = None
-    state_dir: Path | None = None
-
-    def settings(self, **flags: Any) -> Settings:
-        """Settings with the flags the user set (dotted keys, None = not set) on top."""
-        overrides = nested(flags)
-        if self.state_dir is not None:
-            overrides["state_dir"] = self.state_dir
-        return load_settings(self.config_file, overrides)
-
-
-def state(ctx: typer.Context) -> CliState:
-    obj = ctx.find_root().obj
-    return obj if isinstance(obj, CliState) else CliState()
 
 
 app = typer.Typer(
@@ -113,7 +95,12 @@ def root(
 
 
 def _register() -> None:
-    # One line per command or group; each module owns its own commands.
+    # One line per command or group; each module (roost/cli/<name>.py) owns its own commands.
+    # Every module named here is imported on every start, `roost --version` included, so at
+    # module level it imports only typer, rich and light roost modules (cli.context, config,
+    # errors); torch, mlflow, pandas, kserve, kubernetes, boto3, ... are imported inside the
+    # command function that needs them (annotations: under TYPE_CHECKING).
+    # tests/unit/test_cli_startup.py fails when a start imports one of them.
     from roost.cli import bench, cluster, demo, registry, rollout, serve, tracking, train
 
     app.command("train")(train.train)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
-from roost.cli.app import state
+from roost.cli.context import state
 from roost.cli.output import JsonFlag, console, emit_json
-from roost.config import Settings
+
+if TYPE_CHECKING:
+    from roost.config import Settings
 
 app = typer.Typer(
     help="Benchmark serving (roost vs TorchServe vs the raw model) and export for TorchServe.",

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich import box
 from rich.table import Table
 
-from roost import aws, k8s, k8s_jobs
-from roost.cli.app import state
+from roost.cli.context import state
 from roost.cli.output import JsonFlag, console, emit_json, interactive
-from roost.config import Settings
 from roost.errors import ConfigError
+
+if TYPE_CHECKING:
+    from roost.config import Settings
 
 aws_app = typer.Typer(
     no_args_is_help=True,
@@ -38,6 +39,8 @@ RUNTIME_TORCHSERVE = "torchserve"
 
 def train_on_k8s(settings: Settings, json_output: bool) -> None:
     """Run training as a Job from the chart's template; stream logs; report the MLflow run."""
+    from roost import k8s, k8s_jobs
+
     cfg = settings.k8s
     env = k8s_jobs.training_env(settings)  # bad flags fail before anything is created
     api = k8s.load_client(cfg.context)
@@ -166,6 +169,8 @@ def deploy(
 
     Example: roost deploy --version 3 --canary 10   (10 % to version 3, the rest stays)
     """
+    from roost import k8s
+
     if protocol not in ("rest", "grpc"):
         raise typer.BadParameter("expected rest or grpc", param_hint="--protocol")
     settings = state(ctx).settings(
@@ -228,6 +233,8 @@ def resolve_storage_uri(
     templates: dict[str, str],
 ) -> str:
     """Where KServe's storage initializer downloads version ``version`` from."""
+    from roost import k8s
+
     if explicit:
         if "://" not in explicit:
             raise ConfigError(f"--storage-uri {explicit}: expected a URI such as s3://bucket/key")
@@ -280,6 +287,8 @@ def bootstrap(
     json_output: JsonFlag = False,
 ) -> None:
     """Create or fix the artifact bucket: versioning, encryption, public-access block, lifecycle."""
+    from roost import aws
+
     settings = state(ctx).settings(
         **{
             "aws.bucket": bucket,
@@ -330,6 +339,8 @@ def policy(
     ] = None,
 ) -> None:
     """Print the IAM policy document(s) the IRSA roles need, as JSON on stdout."""
+    from roost import aws
+
     settings = state(ctx).settings(**{"aws.bucket": bucket})
     policies = aws.iam_policies(settings.aws)
     if role is None:

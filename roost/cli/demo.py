@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
-from roost.cli.app import state
+from roost.cli.context import state
 from roost.cli.output import EpochProgress, JsonFlag, console, emit_json, interactive
-from roost.demo import DemoReport, run_demo
+
+if TYPE_CHECKING:
+    from roost.demo import DemoReport
 
 
 def demo(
@@ -31,6 +33,8 @@ def demo(
     def notify(message: str) -> None:
         if not json_output:
             console.print(f"[bold cyan]==>[/] {message}")
+
+    from roost.demo import run_demo
 
     with EpochProgress(show_bars=interactive(json_output), quiet=json_output) as progress:
         report = run_demo(settings, notify, progress, keep_running=keep_running)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from roost.train import EpochStats
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+    from roost.train import EpochStats
 
 console = Console(stderr=True, highlight=False)
 
@@ -39,6 +41,14 @@ class EpochProgress:
 
     def __enter__(self) -> EpochProgress:
         if self.show_bars:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
             self._progress = Progress(
                 TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"),
                 BarColumn(),

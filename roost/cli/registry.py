@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
-from roost import registry as reg
-from roost import tracking
-from roost.cli.app import state
+from roost.cli.context import state
 from roost.cli.output import JsonFlag, console, emit_json
+
+if TYPE_CHECKING:
+    from roost.config import Settings
+    from roost.registry import Registry
 
 app = typer.Typer(no_args_is_help=True, help="Inspect versions and move aliases in the registry.")
 alias_app = typer.Typer(no_args_is_help=True, help="Set or delete a registered model alias.")
@@ -52,6 +54,8 @@ def promote(
             "registry.model_name": model,
         }
     )
+    from roost import registry as reg
+
     result = reg.promote(settings, run_id=run_id, alias=to)
     if json_output:
         emit_json(result.summary())
@@ -64,13 +68,20 @@ def promote(
     console.print(f"alias [bold]{result.alias}[/] -> v{result.version}")
 
 
+def _registry(settings: Settings) -> Registry:
+    from roost import tracking
+    from roost.registry import Registry
+
+    return Registry(tracking.use(settings), settings.registry.model_name)
+
+
 @app.command("list")
 def list_versions(
     ctx: typer.Context, model: ModelOpt = None, json_output: JsonFlag = False
 ) -> None:
     """List the versions of a registered model with aliases and gate results."""
     settings = state(ctx).settings(**{"registry.model_name": model})
-    registry = reg.Registry(tracking.use(settings), settings.registry.model_name)
+    registry = _registry(settings)
     aliases = registry.aliases()
     rows = []
     for v in registry.versions():
@@ -109,7 +120,7 @@ def alias_set(
 ) -> None:
     """Point an alias at a version (e.g. `challenger` to start a rollout)."""
     settings = state(ctx).settings(**{"registry.model_name": model})
-    registry = reg.Registry(tracking.use(settings), settings.registry.model_name)
+    registry = _registry(settings)
     registry.get_version(version)
     registry.set_alias(alias, version)
     console.print(f"{registry.name}@{alias} -> v{version}")
@@ -123,6 +134,6 @@ def alias_delete(
 ) -> None:
     """Delete an alias (no-op if absent)."""
     settings = state(ctx).settings(**{"registry.model_name": model})
-    registry = reg.Registry(tracking.use(settings), settings.registry.model_name)
+    registry = _registry(settings)
     registry.delete_alias(alias)
     console.print(f"{registry.name}@{alias} deleted")

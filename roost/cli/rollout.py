@@ -6,23 +6,24 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from roost.cli.app import state as cli_state
+from roost.cli.context import state as cli_state
 from roost.cli.output import JsonFlag, console, emit_json
-from roost.config import Settings
 from roost.errors import ConfigError, NotFound, RolloutAborted, Unavailable
 from roost.rollout import engine
 from roost.rollout.backends import make as make_backend
-from roost.rollout.backends.base import Backend
-from roost.rollout.controller import Controller
-from roost.rollout.record import Recorder
 from roost.rollout.state import ACTIONS, Action, Phase, RolloutState
+
+if TYPE_CHECKING:  # the controller and recorder import httpx and pydantic: only when run
+    from roost.config import Settings
+    from roost.rollout.backends.base import Backend
+    from roost.rollout.controller import Controller
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -50,6 +51,18 @@ def _settings(ctx: typer.Context, model: str | None, backend: str | None, **flag
     return cli_state(ctx).settings(
         **{"registry.model_name": model, "rollout.backend": backend, **flags}
     )
+
+
+def _controller(
+    settings: Settings, backend: Backend, json_output: bool, stop: threading.Event | None = None
+) -> Controller:
+    """A controller that prints each event (none with --json)."""
+    from roost.rollout.controller import Controller
+
+    return Controller(
+        settings, backend, on_event=printer(json_output), stop=stop,
+        notify=(lambda m: None) if json_output else (lambda m: console.print(m)),
+    )  # fmt: skip
 
 
 def _parse_steps(text: str | None) -> list[int] | None:
@@ -160,26 +173,15 @@ def _fixed(value: Any, digits: int) -> str:
 def summary(state: RolloutState, backend: Backend | None = None) -> dict[str, Any]:
     """The JSON document of a rollout: where it is, its steps, its outcome."""
     doc: dict[str, Any] = {
-        "id": state.id,
-        "model": state.model,
-        "version": state.version,
-        "champion": state.champion,
-        "backend": state.backend,
-        "phase": state.phase.value,
-        "weight": state.weight,
+        **engine.document(state),
         "step": state.step + 1,
         "steps": list(state.plan.steps),
         "holding": state.holding,
         "pending": state.pending.to_dict() if state.pending else None,
-        "failure": state.failure,
         "owner": state.owner,
         "run_id": state.run_id,
-        "plan": state.plan.to_dict(),
-        "created_at": state.created_at,
-        "finished_at": state.finished_at,
         "table": [engine.compact_row(row) for row in engine.steps_table(state)],
         "applied": list(state.applied),
-        "history": list(state.history),
     }
     if backend is not None:
         doc["endpoints"] = backend.describe()
@@ -208,17 +210,6 @@ def _finish(state: RolloutState, backend: Backend, json_output: bool) -> None:
     if state.phase is Phase.ROLLED_BACK:
         reason = state.history[-1].get("reason", "") if state.history else ""
         raise RolloutAborted(f"{state.model} v{state.version} rolled back: {reason}")
-
-
-def _traffic_texts(controller: Controller, state: RolloutState) -> list[str]:
-    from roost.demo import SAMPLE_TEXTS
-
-    try:
-        reg = controller.recorder.registry()
-        frame = reg.test_split(reg.source_run(state.champion))
-        return [str(t) for t in frame["text"].tolist()[:2000]]
-    except (NotFound, ConfigError):
-        return list(SAMPLE_TEXTS)
 
 
 @app.command("start")
@@ -261,23 +252,23 @@ def start(
     )  # fmt: skip
     chosen = make_backend(settings)
     stop = threading.Event()
-    controller = Controller(
-        settings, chosen, on_event=printer(json_output), stop=stop,
-        notify=(lambda m: None) if json_output else (lambda m: console.print(m)),
-    )  # fmt: skip
+    controller = _controller(settings, chosen, json_output, stop)
     state = controller.start(version)
     traffic = None
     if traffic_rps:
+        from roost.rollout import traffic as synthetic
         from roost.rollout.backends.local import LocalBackend
-        from roost.rollout.traffic import Traffic
 
         if not isinstance(chosen, LocalBackend):
             raise ConfigError("--traffic-rps only works with the local backend")
-        controller.tick()  # brings the proxy up
-        endpoint = chosen.endpoint()
-        assert endpoint is not None
-        texts = _traffic_texts(controller, state)
-        traffic = Traffic(endpoint, settings.serving.model_name, texts, rps=traffic_rps).start()
+        try:  # the champion's test texts: real request sizes
+            registry = controller.recorder.registry()
+            texts = synthetic.run_texts(registry, registry.source_run(state.champion), 2000)
+        except (NotFound, ConfigError):
+            texts = list(synthetic.SAMPLE_TEXTS)
+        traffic = synthetic.start_canary_traffic(
+            controller, chosen, settings.serving.model_name, texts, traffic_rps
+        )
     try:
         final = controller.run(timeout)
     finally:
@@ -306,10 +297,7 @@ def watch(
     settings = _settings(ctx, model, backend)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    controller = Controller(
-        settings, make_backend(settings), on_event=printer(False), stop=stop,
-        notify=lambda m: console.print(m),
-    )  # fmt: skip
+    controller = _controller(settings, make_backend(settings), False, stop)
     console.print(
         f"watching {settings.registry.model_name}@{settings.registry.challenger_alias} "
         f"(backend {settings.rollout.backend}, every {settings.rollout.poll_s:g}s)"
@@ -341,6 +329,8 @@ def status(
     if current is None or (version is not None and current.version != version):
         chosen, registry_note = None, "in MLflow"
         try:
+            from roost.rollout.record import Recorder
+
             current = Recorder(settings).last_rollout(version)
         except Unavailable as exc:
             current, registry_note = None, f"and MLflow is unreachable ({exc})"
@@ -379,10 +369,7 @@ def _override(action: Action) -> Callable[..., None]:
     ) -> None:
         settings = _settings(ctx, model, backend)
         chosen = make_backend(settings)
-        controller = Controller(
-            settings, chosen, on_event=printer(json_output),
-            notify=(lambda m: None) if json_output else (lambda m: console.print(m)),
-        )  # fmt: skip
+        controller = _controller(settings, chosen, json_output)
         result = controller.request(action, by="cli", wait_s=wait)
         if action == "resume" and not result.terminal:
             result = controller.run(timeout)  # drive it on unless someone else does

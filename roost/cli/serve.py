@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from roost import client
-from roost.cli.app import state
+from roost.cli.context import state
 from roost.cli.output import JsonFlag, console, emit_json
 from roost.errors import ConfigError
 

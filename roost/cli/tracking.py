@@ -8,8 +8,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import typer
 
-from roost import tracking
-from roost.cli.app import state
+from roost.cli.context import state
 from roost.cli.output import JsonFlag, console, emit_json
 from roost.errors import TrackingUnavailable
 
@@ -19,6 +18,8 @@ app = typer.Typer(no_args_is_help=True, help="Run and inspect the MLflow trackin
 @app.command()
 def up(ctx: typer.Context, json_output: JsonFlag = False) -> None:
     """Start the embedded MLflow server in the background (or reuse the configured one)."""
+    from roost import tracking
+
     settings = state(ctx).settings()
     if settings.tracking.uri:
         tracking.ensure_reachable(settings.tracking.uri)
@@ -43,6 +44,8 @@ def up(ctx: typer.Context, json_output: JsonFlag = False) -> None:
 @app.command()
 def down(ctx: typer.Context, json_output: JsonFlag = False) -> None:
     """Stop the embedded MLflow server (its store stays; `up` brings it back)."""
+    from roost import tracking
+
     stopped = tracking.down(state(ctx).settings())
     if json_output:
         emit_json({"stopped": stopped is not None, "pid": stopped.pid if stopped else None})
@@ -55,6 +58,8 @@ def down(ctx: typer.Context, json_output: JsonFlag = False) -> None:
 @app.command()
 def status(ctx: typer.Context, json_output: JsonFlag = False) -> None:
     """Show where the tracking server is and whether it answers /health."""
+    from roost import tracking
+
     settings = state(ctx).settings()
     recorded = tracking.read_state(settings)
     uri = settings.tracking.uri or (recorded.uri if recorded else None)
@@ -92,6 +97,8 @@ def serve(
     ] = None,
 ) -> None:
     """Run the MLflow server in the foreground (the container entry point)."""
+    from roost import tracking
+
     settings = state(ctx).settings(
         **{
             "tracking.backend_store_uri": backend_store_uri,

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from roost.cli.app import state
+from roost.cli.context import state
 from roost.cli.output import EpochProgress, JsonFlag, console, emit_json, interactive
-from roost.train import TrainOutcome, run_training
+
+if TYPE_CHECKING:
+    from roost.train import TrainOutcome
 
 
 def train(
@@ -81,6 +83,8 @@ def train(
 
         train_on_k8s(settings, json_output)
         return
+    from roost.train import run_training
+
     with EpochProgress(show_bars=interactive(json_output), quiet=json_output) as progress:
         outcome = run_training(settings, progress)
     if json_output:

@@ -335,6 +335,24 @@ def _iso(t: float | None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
+def document(state: RolloutState) -> dict[str, Any]:
+    """What every JSON view of a rollout says (``rollout status --json``, the run's artifact)."""
+    return {
+        "id": state.id,
+        "model": state.model,
+        "version": state.version,
+        "champion": state.champion,
+        "backend": state.backend,
+        "phase": state.phase.value,
+        "weight": state.weight,
+        "plan": state.plan.to_dict(),
+        "failure": state.failure,
+        "created_at": state.created_at,
+        "finished_at": state.finished_at,
+        "history": list(state.history),
+    }
+
+
 def steps_table(state: RolloutState) -> list[dict[str, Any]]:
     """One row per weight the canary held: when, for how long, what was measured, verdict."""
     rows: list[dict[str, Any]] = []

@@ -15,14 +15,16 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from roost import tracking
 from roost.config import Settings
 from roost.errors import TrackingUnavailable
-from roost.registry import Registry
 from roost.rollout import engine
 from roost.rollout.state import Phase, RolloutState
+
+if TYPE_CHECKING:  # roost.registry imports pandas: only the commands that write records pay
+    from roost.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,8 @@ class Recorder:
 
     def registry(self) -> Registry:
         """A Registry client, after checking the tracking server answers."""
+        from roost.registry import Registry
+
         if self._uri is None:
             self._uri = tracking.use(self.settings)  # also points mlflow's globals at it
         tracking.ensure_reachable(self._uri, min(self.settings.tracking.request_timeout_s, 5.0))
@@ -188,19 +192,8 @@ class Recorder:
 def history_document(state: RolloutState) -> dict[str, Any]:
     """The JSON artifact: the plan, the outcome, one row per step and every event."""
     return {
-        "id": state.id,
-        "model": state.model,
-        "version": state.version,
-        "champion": state.champion,
-        "backend": state.backend,
-        "phase": state.phase.value,
-        "weight": state.weight,
-        "plan": state.plan.to_dict(),
-        "failure": state.failure,
-        "created_at": state.created_at,
-        "finished_at": state.finished_at,
+        **engine.document(state),
         "steps": [engine.compact_row(row) for row in engine.steps_table(state)],
-        "history": list(state.history),
         # the whole state (without the last raw scrape), so `status` can rebuild it from here
         "state": dataclasses.replace(state, last_scrape=None).to_dict(),
     }

@@ -11,10 +11,12 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from roost.config import RolloutSettings
 from roost.rollout.analysis import Counts, Snapshot, Thresholds
+
+if TYPE_CHECKING:
+    from roost.config import RolloutSettings
 
 OpKind = Literal["set_weight", "promote", "rollback"]
 Action = Literal["pause", "resume", "abort", "promote"]

@@ -14,15 +14,49 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import httpx
 
-from roost.errors import ConfigError
+from roost.errors import ConfigError, NotFound, Unavailable
+
+if TYPE_CHECKING:
+    from roost.registry import Registry
+    from roost.rollout.backends.local import LocalBackend
+    from roost.rollout.controller import Controller
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 VERSION_HEADER = "x-roost-model-version"
+
+# One text per class: what `roost demo` predicts, and the traffic where a run has no test split.
+SAMPLE_TEXTS = (
+    "I love how smooth the new update is, great job!",
+    "The flight was delayed three hours and nobody told us anything.",
+    "The meeting is scheduled for Tuesday at 10am.",
+)
+
+
+def run_texts(registry: Registry, run_id: str, limit: int | None = None) -> list[str]:
+    """The held-out test texts of a training run (real request sizes), else SAMPLE_TEXTS."""
+    from roost import data
+
+    try:
+        frame = registry.test_split(run_id)
+    except (NotFound, ConfigError):
+        return list(SAMPLE_TEXTS)
+    return [str(text) for text in frame[data.TEXT].tolist()[:limit]]
+
+
+def start_canary_traffic(
+    controller: Controller, backend: LocalBackend, model: str, texts: Sequence[str], rps: float
+) -> Traffic:
+    """Apply the rollout's first weight (the proxy and both servers come up), then send traffic."""
+    controller.tick()
+    endpoint = backend.endpoint()
+    if endpoint is None:
+        raise Unavailable(f"the local proxy of {backend.model} did not come up")
+    return Traffic(endpoint, model, texts, rps=rps).start()
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from roost.config import Settings
-from roost.rollout.backends.base import Backend
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from roost.config import Settings
+    from roost.rollout.backends.base import Backend
 
 
 def make(settings: Settings, name: str | None = None) -> Backend:

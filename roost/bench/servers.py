@@ -1,0 +1,216 @@
+"""The servers a bench run compares: roost's predictor and TorchServe, on loopback.
+
+Each server is started (cold start measured: process start -> ready), handed to the loader
+once per protocol or request shape (a :class:`~roost.bench.plan.Target`), and stopped before
+the next starts, in a ``finally`` on any error too. Logs go under ``work/logs``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from roost import registry, tracking
+from roost.bench import loadgen, measure, workload
+from roost.bench import torchserve as ts
+from roost.bench.plan import Profile, Progress, ServerResult, Target
+from roost.config import Settings
+from roost.serving import local
+
+
+class Servers:
+    def __init__(
+        self,
+        settings: Settings,
+        work: Path,
+        profile: Profile,
+        progress: Progress,
+        load: Callable[[Target], None],
+    ) -> None:
+        self.settings = settings
+        self.cfg = settings.bench
+        self.work = work
+        self.profile = profile
+        self.progress = progress
+        self.load = load
+        self.models_uri_cold_start: float | None = None
+
+    def roost(
+        self,
+        model: registry.LocalModel,
+        name: str,
+        version: str,
+        texts: list[str],
+        expected: workload.Expected,
+    ) -> list[ServerResult]:
+        p = self.profile
+        logs = self.work / "logs"
+        env = {"ROOST_SERVING__MODEL_ALIAS": model.alias} if model.alias else {}
+        extra = ["--model-version", version]
+        cold: list[float] = []
+        server: local.LocalServer | None = None
+        try:
+            for i in range(p.cold_starts):
+                if server is not None:
+                    server.stop()
+                server, seconds = self._start_roost(
+                    str(model.path), name, logs / f"roost-{i}.log", env, extra
+                )
+                cold.append(seconds)
+            assert server is not None
+            self.progress(f"roost ready: cold start {statistics.median(cold):.2f}s {cold}")
+            if p.models_uri_start and model.name and model.version:
+                self.models_uri_cold_start = self._models_uri_start(model, logs)
+            config = {
+                "model_dir": True,
+                # Limits: within them the server sizes its batches from the forward cost it
+                # measures at load (its log says `batch=` and `wait_ms=`).
+                "batching": "limits",
+                "max_batch_size": self.settings.serving.max_batch_size,
+                "max_batch_wait_ms": self.settings.serving.max_batch_wait_ms,
+                "fast_path": self.settings.serving.fast_path,
+            }
+
+            def result(protocol: str, per_request: int = 1) -> ServerResult:
+                return ServerResult(
+                    "roost", protocol, per_request, statistics.median(cold), cold, config
+                )
+
+            http = server
+            targets = [
+                Target(
+                    result("rest-v2"),
+                    http.process.pid,
+                    len(texts),
+                    lambda: loadgen.HttpSender(
+                        "127.0.0.1", http.http_port, f"/v2/models/{name}/infer",
+                        workload.v2_bodies(texts),
+                        workload.check_v2(expected, 1, len(texts)), self.cfg.connections,
+                    ),
+                ),
+            ]  # fmt: skip
+            if p.grpc:
+                targets.append(
+                    Target(
+                        result("grpc-v2"),
+                        http.process.pid,
+                        len(texts),
+                        lambda: loadgen.GrpcSender(
+                            http.grpc_target,
+                            workload.grpc_requests(texts, name),
+                            workload.check_grpc(expected),
+                        ),
+                    )
+                )
+            if p.multi_text > 1:
+                k = p.multi_text
+                groups = len(texts) // k
+                targets.append(
+                    Target(
+                        result("rest-v2", k),
+                        http.process.pid,
+                        groups,
+                        lambda: loadgen.HttpSender(
+                            "127.0.0.1", http.http_port, f"/v2/models/{name}/infer",
+                            workload.v2_bodies(texts, k), workload.check_v2(expected, k, groups),
+                            self.cfg.connections,
+                        ),
+                    )
+                )  # fmt: skip
+            for target in targets:
+                self.load(target)
+            return [t.server for t in targets]
+        finally:
+            if server is not None:
+                server.stop()
+
+    def _start_roost(
+        self,
+        uri: str,
+        name: str,
+        log_file: Path,
+        env: dict[str, str],
+        extra: list[str],
+        tracking_uri: str | None = None,
+    ) -> tuple[local.LocalServer, float]:
+        started = time.perf_counter()
+        server = local.start(
+            self.settings, uri, log_file, name=name, env=env, extra_args=extra,
+            tracking_uri=tracking_uri,
+        )  # fmt: skip
+        try:
+            seconds = measure.wait_ready(
+                measure.http_ready(server.ready_url), started, 120,
+                server.process.alive, lambda: server.process.log_tail(5),
+            )  # fmt: skip
+        except BaseException:
+            server.stop()
+            raise
+        return server, seconds
+
+    def _models_uri_start(self, model: registry.LocalModel, logs: Path) -> float:
+        """Cold start from ``models:/NAME/VERSION`` with an empty model cache (a download)."""
+        uri = f"models:/{model.name}/{model.version}"
+        with tempfile.TemporaryDirectory(prefix="roost-bench-cache-") as state:
+            server, seconds = self._start_roost(
+                uri, model.name or "model", logs / "roost-models-uri.log",
+                {"ROOST_STATE_DIR": state}, [], tracking.resolve_uri(self.settings),
+            )  # fmt: skip
+            server.stop()
+        self.progress(f"roost from {uri} (download included): {seconds:.2f}s")
+        return round(seconds, 3)
+
+    def torchserve(
+        self, export: ts.Export, texts: list[str], expected: workload.Expected
+    ) -> tuple[list[ServerResult], list[dict[str, Any]]]:
+        results: list[ServerResult] = []
+        for workers in self.profile.ts_workers:
+            tuning = ts.Tuning(
+                workers=workers,
+                batch_size=self.cfg.torchserve_batch_size,
+                max_batch_delay_ms=self.cfg.torchserve_max_batch_delay_ms,
+            )
+            workdir = self.work / "logs" / f"torchserve-w{workers}"
+            started = time.perf_counter()
+            server = ts.start_local(export, workdir, tuning)
+            try:
+                probe = measure.http_ready(
+                    server.url + server.predict_path, "POST", {"text": "ready?"}
+                )
+                seconds = measure.wait_ready(
+                    probe, started, 180, server.process.alive, server.process.log_tail
+                )
+                self.progress(f"torchserve (workers={workers}) ready: cold start {seconds:.2f}s")
+                result = ServerResult(
+                    "torchserve", "rest", 1, seconds, [seconds],
+                    {"workers": workers, "batch_size": tuning.batch_size,
+                     "max_batch_delay_ms": tuning.max_batch_delay_ms,
+                     "threads_per_worker": tuning.threads_per_worker,
+                     "logging": "warnings only (as roost)"},
+                )  # fmt: skip
+                self.load(
+                    Target(
+                        result,
+                        server.process.pid,
+                        len(texts),
+                        partial(
+                            loadgen.HttpSender, "127.0.0.1", server.inference_port,
+                            server.predict_path, workload.ts_bodies(texts),
+                            workload.check_ts(expected), self.cfg.connections,
+                        ),
+                    )
+                )  # fmt: skip
+                results.append(result)
+            finally:
+                server.stop()
+        sweep = [
+            {**r.config, "max_rps_p99_50ms": round(r.max_rps, 1), "cold_start_s": r.cold_start_s}
+            for r in results
+        ]
+        best = max(results, key=lambda r: (r.max_rps, -r.config["workers"]))
+        return [best], sweep
