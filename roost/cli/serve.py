@@ -49,6 +49,21 @@ def serve(
         float | None,
         typer.Option(help="Batch fill wait under load (default: 2).", show_default=False),
     ] = None,
+    max_texts_per_request: Annotated[
+        int | None,
+        typer.Option(
+            help="Texts per request; more get HTTP 413 (default: 8192).", show_default=False
+        ),
+    ] = None,
+    repository_extension: Annotated[
+        bool | None,
+        typer.Option(
+            "--repository-extension/--no-repository-extension",
+            help="Serve model load/unload over REST and gRPC, behind the bearer token in "
+            "ROOST_SERVING__REPOSITORY_TOKEN (default: off).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Serve the model with KServe: REST v1 + v2 (Open Inference Protocol), gRPC v2, /metrics."""
     settings = state(ctx).settings(
@@ -61,6 +76,8 @@ def serve(
             "serving.max_body_bytes": max_body_bytes,
             "serving.max_batch_size": max_batch_size,
             "serving.max_batch_wait_ms": max_batch_wait_ms,
+            "serving.max_texts_per_request": max_texts_per_request,
+            "serving.repository_extension": repository_extension,
         }
     )
     from roost.serving.server import serve as run_server

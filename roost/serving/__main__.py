@@ -25,6 +25,15 @@ OPTIONS: tuple[tuple[str, str, type, str], ...] = (
     ("--max-body-bytes", "serving.max_body_bytes", int, "request body limit"),
     ("--max-batch-size", "serving.max_batch_size", int, "texts per forward pass"),
     ("--max-batch-wait-ms", "serving.max_batch_wait_ms", float, "batch fill wait"),
+    ("--max-texts-per-request", "serving.max_texts_per_request", int, "more: HTTP 413"),
+)
+# (flag, settings key, help): on/off options (absent: the setting's own value).
+SWITCHES: tuple[tuple[str, str, str], ...] = (
+    (
+        "--repository-extension",
+        "serving.repository_extension",
+        "serve model load/unload (needs ROOST_SERVING__REPOSITORY_TOKEN)",
+    ),
 )
 
 
@@ -38,6 +47,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--verbose", "-v", action="count", default=0)
     for flag, _key, kind, text in OPTIONS:
         parser.add_argument(flag, type=kind, help=text)
+    for flag, _key, text in SWITCHES:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
     return parser.parse_args(argv)
 
 
@@ -51,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(args.verbose, args.log_format)
     logs.quiet_libraries()
     flags = {key: getattr(args, flag[2:].replace("-", "_")) for flag, key, _t, _h in OPTIONS}
+    flags |= {key: getattr(args, flag[2:].replace("-", "_")) for flag, key, _h in SWITCHES}
     overrides = nested(flags)
     if args.state_dir is not None:
         overrides["state_dir"] = args.state_dir

@@ -185,12 +185,14 @@ def test_repository_needs_the_token_and_readiness_follows_the_model(hardened: Ha
 def test_client_errors_log_one_info_line_without_traceback(hardened: Hardened) -> None:
     before = hardened.log.read_text(errors="replace").count("\n")
     with httpx.Client(base_url=hardened.server.http_url, timeout=30) as http:
+        fp32 = {"name": "t", "datatype": "FP32", "shape": [1], "data": [1.0]}
+        short = {"name": "t", "datatype": "BYTES", "shape": [2], "data": ["x"]}
         bad = [
-            http.post("/v2/models/sentiment/infer", json={"inputs": [{"name": "t", "datatype": "FP32", "shape": [1], "data": [1.0]}]}),
-            http.post("/v2/models/sentiment/infer", json={"inputs": [{"name": "t", "datatype": "BYTES", "shape": [2], "data": ["x"]}], "parameters": {"a": 1}}),
+            http.post("/v2/models/sentiment/infer", json={"inputs": [fp32]}),
+            http.post("/v2/models/sentiment/infer", json={"inputs": [short], "parameters": {}}),
             http.post("/v1/models/sentiment:predict", json={"instances": [1]}),
             http.post("/v1/models/nope:predict", json={"instances": ["x"]}),
-        ]  # fmt: skip
+        ]
     assert [r.status_code for r in bad] == [400, 400, 400, 404]
     channel, api = stub(hardened.server.grpc_target)
     with channel:
@@ -214,14 +216,17 @@ def test_client_errors_log_one_info_line_without_traceback(hardened: Hardened) -
 
 
 # -- 3. and 8. one input rule: lone surrogates, datatype case ----------------------------------
+V2 = "/v2/models/sentiment/infer"
+V1 = "/v1/models/sentiment:predict"
+TENSOR = b'{"name":"text","shape":[1],"datatype":"BYTES","data":["hi"]}'
 SURROGATE_BODIES = [
-    ("/v2/models/sentiment/infer", b'{"id":"\\ud800","inputs":[{"name":"text","shape":[1],"datatype":"BYTES","data":["hi"]}]}', "id"),
-    ("/v2/models/sentiment/infer", b'{"inputs":[{"name":"text","shape":[1],"datatype":"\\ud800","data":["hi"]}]}', "inputs[0].datatype"),
-    ("/v2/models/sentiment/infer", b'{"inputs":[{"name":"\\udfff","shape":[1],"datatype":"BYTES","data":["hi"]}]}', "inputs[0].name"),
-    ("/v2/models/sentiment/infer", b'{"inputs":[{"name":"text","shape":[2],"datatype":"BYTES","data":["ok","a\\ud83d"]}]}', "inputs[0].data[1]"),
-    ("/v1/models/sentiment:predict", b'{"instances":["ok","\\ud800"]}', "instances[1]"),
-    ("/v1/models/sentiment:predict", b'{"instances":[{"text":"\\udc00x"}]}', "instances[0].text"),
-]  # fmt: skip
+    (V2, b'{"id":"\\ud800","inputs":[' + TENSOR + b"]}", "id"),
+    (V2, b'{"inputs":[' + TENSOR.replace(b'"BYTES"', b'"\\ud800"') + b"]}", "inputs[0].datatype"),
+    (V2, b'{"inputs":[' + TENSOR.replace(b'"text"', b'"\\udfff"') + b"]}", "inputs[0].name"),
+    (V2, b'{"inputs":[' + TENSOR.replace(b'"hi"', b'"a\\ud83d"') + b"]}", "inputs[0].data[0]"),
+    (V1, b'{"instances":["ok","\\ud800"]}', "instances[1]"),
+    (V1, b'{"instances":[{"text":"\\udc00x"}]}', "instances[0].text"),
+]
 
 
 @pytest.mark.parametrize(("path", "body", "field"), SURROGATE_BODIES)
@@ -272,11 +277,14 @@ def binary(header: dict, data: bytes, length: str | None = None) -> tuple[bytes,
 
 
 def bytes_input(shape: list, size: object) -> dict:
+    return binary_input("BYTES", shape, size)
+
+
+def binary_input(datatype: str, shape: list, size: object) -> dict:
+    parameters = {"binary_data_size": size}
     return {
-        "inputs": [
-            {"name": "text", "shape": shape, "datatype": "BYTES", "parameters": {"binary_data_size": size}}
-        ]
-    }  # fmt: skip
+        "inputs": [{"name": "text", "shape": shape, "datatype": datatype, "parameters": parameters}]
+    }
 
 
 HELLO = b"\x05\x00\x00\x00hello"
@@ -290,16 +298,16 @@ MALFORMED_BINARY = {
     "length prefix too long": binary(bytes_input([1], 9), b"\xff\x00\x00\x00hello"),
     "length prefix cut short": binary(bytes_input([1], 2), b"\x05\x00"),
     "shape [-1]": binary(bytes_input([-1], 9), HELLO),
-    "FP32 with 7 bytes": binary(
-        {"inputs": [{"name": "text", "shape": [2], "datatype": "FP32", "parameters": {"binary_data_size": 7}}]},
-        b"\x00" * 7,
-    ),  # fmt: skip
+    "FP32 with 7 bytes": binary(binary_input("FP32", [2], 7), b"\x00" * 7),
     "non-UTF-8 payload": binary(bytes_input([1], 6), b"\x02\x00\x00\x00\xff\xfe"),
     "header length not a number": binary(bytes_input([1], 9), HELLO, length="x9"),
     "header length past the body": binary(bytes_input([1], 9), HELLO, length="100000"),
     "header length zero": binary(bytes_input([1], 9), HELLO, length="0"),
-    "header not JSON": (b"{nope" + HELLO, {"content-type": "application/octet-stream", "inference-header-content-length": "5"}),
-}  # fmt: skip
+    "header not JSON": (
+        b"{nope" + HELLO,
+        {"content-type": "application/octet-stream", "inference-header-content-length": "5"},
+    ),
+}
 
 
 @pytest.mark.parametrize("case", list(MALFORMED_BINARY))
@@ -422,8 +430,10 @@ def test_idle_slow_and_short_connections_are_closed(hardened: Hardened) -> None:
     slow = socket.create_connection(("127.0.0.1", server.http_port))
     slow.sendall(b"POST /v2/models/sentiment/infer HTTP/1.1\r\nhost: x\r\n")
     short = socket.create_connection(("127.0.0.1", server.http_port))
-    short.sendall(b"POST /v2/models/sentiment/infer HTTP/1.1\r\nhost: x\r\n"
-                  b"content-type: application/json\r\ncontent-length: 100\r\n\r\n{\"inputs\"")  # fmt: skip
+    short.sendall(
+        b"POST /v2/models/sentiment/infer HTTP/1.1\r\nhost: x\r\n"
+        b'content-type: application/json\r\ncontent-length: 100\r\n\r\n{"inputs"'
+    )
     everyone = [*flood, slow, short]
     try:
         # New clients are served while the flood is open.
@@ -477,6 +487,9 @@ def test_big_requests_do_not_starve_small_ones(hardened: Hardened) -> None:
             return time.perf_counter() - start
 
         baseline = [timed("POST", "/v2/models/sentiment/infer", json=ONE) for _ in range(10)]
+        big_body = {
+            "inputs": [{"name": "text", "datatype": "BYTES", "shape": [MAX_TEXTS], "data": texts}]
+        }
         big_times: list[float] = []
         stop = threading.Event()
 
@@ -484,8 +497,7 @@ def test_big_requests_do_not_starve_small_ones(hardened: Hardened) -> None:
             with httpx.Client(base_url=url, timeout=300) as own:
                 while not stop.is_set():
                     start = time.perf_counter()
-                    r = own.post("/v2/models/sentiment/infer", json={"inputs": [
-                        {"name": "text", "datatype": "BYTES", "shape": [MAX_TEXTS], "data": texts}]})  # fmt: skip
+                    r = own.post("/v2/models/sentiment/infer", json=big_body)
                     assert r.status_code == 200
                     big_times.append(time.perf_counter() - start)
 
@@ -504,8 +516,11 @@ def test_big_requests_do_not_starve_small_ones(hardened: Hardened) -> None:
                 t.join(timeout=300)
     big = statistics.median(big_times)
     small_p90 = statistics.quantiles(small, n=10)[-1] if len(small) >= 10 else max(small)
-    report = (f"baseline median {statistics.median(baseline)*1000:.1f} ms, small p90 "
-              f"{small_p90*1000:.1f} ms, live max {max(live)*1000:.1f} ms, big median {big*1000:.0f} ms")  # fmt: skip
+    report = (
+        f"baseline median {statistics.median(baseline) * 1000:.1f} ms, "
+        f"small p90 {small_p90 * 1000:.1f} ms, live max {max(live) * 1000:.1f} ms, "
+        f"big median {big * 1000:.0f} ms"
+    )
     print(report)
     # Starved, a small request waits for whole big ones (~ the big latency); shared, for a slice.
     assert small_p90 < big / 3, report
