@@ -103,6 +103,7 @@ def serve_champion(
     log: Path,
     env: dict[str, str] | None = None,
     extra_args: list[str] | None = None,
+    verbose: int = 0,
 ) -> Iterator[local.LocalServer]:
     """`roost serve` for models:/sentiment@champion on free ports, ready, stopped afterwards."""
     server = local.start(
@@ -112,6 +113,7 @@ def serve_champion(
         tracking_uri=settings.tracking.uri,
         env=env,
         extra_args=extra_args,
+        verbose=verbose,
     )
     try:
         server.wait_ready(timeout=120)

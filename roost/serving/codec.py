@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -26,16 +25,12 @@ import orjson
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
+from roost.client import Protocol as Protocol  # the one enum, re-exported
+
 TEXT_INPUT = "text"
 LABEL_OUTPUT = "label"
 PROBS_OUTPUT = "probabilities"
 CONFIDENCE_OUTPUT = "confidence"
-
-
-class Protocol(StrEnum):
-    REST_V1 = "rest-v1"
-    REST_V2 = "rest-v2"
-    GRPC_V2 = "grpc-v2"
 
 
 class TooManyTexts(InvalidInput):  # type: ignore[misc]

@@ -61,8 +61,8 @@ class _Meters:
 
     def __init__(self, model: SentimentModel, protocol: codec.Protocol) -> None:
         labels = {"model": model.name, "version": model.version or "unknown"}
-        self.ok = metrics.REQUESTS.labels(**labels, protocol=protocol.value, outcome="ok")
-        self.latency = metrics.LATENCY.labels(**labels, protocol=protocol.value)
+        self.ok = metrics.REQUESTS.labels(**labels, protocol=protocol.label, outcome="ok")
+        self.latency = metrics.LATENCY.labels(**labels, protocol=protocol.label)
         kserve_labels = get_labels(model.name)
         self.pre = PRE_HIST_TIME.labels(**kserve_labels)
         self.predict = PREDICT_HIST_TIME.labels(**kserve_labels)
@@ -70,7 +70,7 @@ class _Meters:
         self._times: list[tuple[float, float, float, float]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._failed = {
-            outcome: metrics.REQUESTS.labels(**labels, protocol=protocol.value, outcome=outcome)
+            outcome: metrics.REQUESTS.labels(**labels, protocol=protocol.label, outcome=outcome)
             for outcome in ("invalid", "error")
         }
 
@@ -464,9 +464,9 @@ class FastASGI:
         except Exception as exc:  # answered from the error itself
             status = guard.status_of(exc)
             if status < 500:
-                guard.client_error(status, "POST", protocol.value, str(exc))
+                guard.client_error(status, "POST", protocol.label, str(exc))
             else:
-                log.error("server error protocol=%s", protocol.value, exc_info=exc)
+                log.error("server error protocol=%s", protocol.label, exc_info=exc)
             fast.meters[protocol].failed(status)
             await guard.respond(send, status, str(exc) or type(exc).__name__, close=status >= 500)
             return True

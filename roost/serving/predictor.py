@@ -201,7 +201,7 @@ class SentimentModel(kserve.Model):  # type: ignore[misc]
         headers: dict[str, str] | None = None,
         verb: InferenceVerb = InferenceVerb.PREDICT,
     ) -> Any:
-        protocol = codec.protocol_of(body).value
+        protocol = codec.protocol_of(body).label
         labels = self._labels()
         start = time.perf_counter()
         try:

@@ -82,7 +82,7 @@ def serve(settings: Settings) -> None:
     model = SentimentModel(cfg.model_name, cfg.model_uri, settings)
     model.load()
     # Modules and the model live as long as the process: keep them out of every future
-    # collection, and collect again (python -m roost.serving starts with the collector off).
+    # collection, and collect again (`roost serve` starts it with the collector off).
     gc.freeze()
     gc.enable()
     model_server.args.grpc_max_receive_message_length = cfg.max_body_bytes

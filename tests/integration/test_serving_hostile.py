@@ -55,7 +55,7 @@ def hardened(
         "ROOST_SERVING__GRPC_MAX_INFLIGHT": "4",
         "ROOST_SERVING__MAX_TEXTS_PER_REQUEST": str(MAX_TEXTS),
     }
-    for server in serve_champion(settings, log, env=env, extra_args=["-v"]):
+    for server in serve_champion(settings, log, env=env, verbose=1):
         yield Hardened(server, log)
 
 
