@@ -14,9 +14,26 @@ if TYPE_CHECKING:  # imported where a request is sent: `roost --help` imports th
 
 
 class Protocol(StrEnum):
+    """The three ways to call the predictor: roost's one enum for them (CLI, client, server).
+
+    The value is what the CLI takes (``--protocol v2``); :attr:`label` is the ``protocol``
+    label of the server's metrics. ``REST_V1``/``REST_V2``/``GRPC_V2`` are the server-side
+    names of the same members.
+    """
+
     V1 = "v1"
     V2 = "v2"
     GRPC = "grpc"
+    REST_V1 = "v1"
+    REST_V2 = "v2"
+    GRPC_V2 = "grpc"
+
+    @property
+    def label(self) -> str:
+        return _LABELS[self.value]
+
+
+_LABELS = {"v1": "rest-v1", "v2": "rest-v2", "grpc": "grpc-v2"}
 
 
 @dataclass(frozen=True)

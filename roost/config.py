@@ -16,7 +16,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -147,6 +147,69 @@ class ServingSettings(_Section):
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
         "auto", description="Event loop of the server: auto picks uvloop when installed."
     )
+    max_texts_per_request: int = Field(
+        8192,
+        gt=0,
+        description="Texts in one request at most; more get HTTP 413 / gRPC "
+        "INVALID_ARGUMENT (big requests are also split into batches that interleave with others).",
+    )
+    repository_extension: bool = Field(
+        False,
+        description="Serve the model repository extension (load/unload over REST and gRPC); it "
+        "then requires repository_token as a bearer token.",
+    )
+    repository_token: SecretStr | None = Field(
+        None,
+        description="Bearer token of the repository extension (from a Secret: "
+        "ROOST_SERVING__REPOSITORY_TOKEN); required when repository_extension is on.",
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A connection that has not sent a request's headers this long "
+        "after connecting (or after its last answer) is closed; also gRPC's handshake timeout.",
+    )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="A request whose body has not arrived this long after its "
+        "headers is answered 408 and its connection closed.",
+    )
+    keep_alive_timeout_s: float = Field(
+        5.0, gt=0, description="An idle keep-alive HTTP connection is closed after this long."
+    )
+    max_connections: int = Field(
+        4096,
+        gt=0,
+        description="HTTP connections at most: a new one over it closes the oldest "
+        "connection that has no request in progress (or itself, if every one is busy).",
+    )
+    grpc_max_inflight: int = Field(
+        512,
+        gt=0,
+        description="gRPC calls in flight at most; more get RESOURCE_EXHAUSTED with "
+        "the grpc-retry-pushback-ms trailer.",
+    )
+    grpc_retry_pushback_ms: int = Field(
+        100, ge=0, description="Retry hint (grpc-retry-pushback-ms) of a shed gRPC call."
+    )
+    grpc_idle_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="A gRPC connection without calls this long is closed "
+        "(grpc.max_connection_idle_ms).",
+    )
+
+    @model_validator(mode="after")
+    def _repository_needs_token(self) -> ServingSettings:
+        if self.repository_extension and not (
+            self.repository_token and self.repository_token.get_secret_value()
+        ):
+            raise ValueError(
+                "repository_extension is on but repository_token is not set "
+                "(ROOST_SERVING__REPOSITORY_TOKEN)"
+            )
+        return self
 
 
 class RolloutSettings(_Section):

@@ -99,7 +99,11 @@ def champion(settings: Settings) -> Champion:
 
 
 def serve_champion(
-    settings: Settings, log: Path, env: dict[str, str] | None = None
+    settings: Settings,
+    log: Path,
+    env: dict[str, str] | None = None,
+    extra_args: list[str] | None = None,
+    verbose: int = 0,
 ) -> Iterator[local.LocalServer]:
     """`roost serve` for models:/sentiment@champion on free ports, ready, stopped afterwards."""
     server = local.start(
@@ -108,6 +112,8 @@ def serve_champion(
         log,
         tracking_uri=settings.tracking.uri,
         env=env,
+        extra_args=extra_args,
+        verbose=verbose,
     )
     try:
         server.wait_ready(timeout=120)

@@ -6,7 +6,7 @@ Stages, in order:
    the reference model in-process gives the expected answer of every text;
 2. raw forward: the batch kernel both servers run, in-process, at several batch sizes;
 3. export the version as a TorchServe archive (KServe's kserve-torchserve layout);
-4. roost: start the model server (``python -m roost.serving``, what a pod runs) on the
+4. roost: start the model server (``python -m roost serve``, what a pod runs) on the
    model directory (what KServe's storage initializer gives a pod) ``cold_starts`` times,
    once from a ``models:/`` URI with an empty cache; check answers; warm up; run a ladder
    per protocol (REST v2, gRPC, REST v2 with many texts per request);

@@ -3,7 +3,10 @@
 Requests wait in a list on the event loop; one worker thread runs the model, so inference
 never blocks the loop. When the worker frees up it takes every waiting request, up to
 ``max_batch_size`` texts, as one batch (under load, batches fill by themselves while the
-previous one runs). When the worker is idle and traffic is concurrent (the last batch
+previous one runs). A request larger than the room left in a batch is split: one slice
+goes now and the rest waits at the back of the queue, so a big request shares the worker
+with the requests that arrive while it runs (round robin, one batch at a time) instead of
+holding it for its whole length. When the worker is idle and traffic is concurrent (the last batch
 merged several requests), a new request waits up to ``max_wait_s`` for company, which
 pays only where a forward pass has a fixed cost worth sharing; a lone request never waits.
 
@@ -17,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -30,8 +33,16 @@ BatchHook = Callable[[int, int, float, np.ndarray], None]
 
 @dataclass
 class _Item:
+    """One request: its texts, its future, and the parts of its answer computed so far."""
+
     texts: Sequence[str]
     future: asyncio.Future[np.ndarray]
+    sent: int = 0  # texts handed to the worker so far
+    parts: list[np.ndarray] = field(default_factory=list)
+
+
+# (request, start, end): the texts[start:end] of one request inside a batch.
+_Slice = tuple[_Item, int, int]
 
 
 @dataclass
@@ -85,16 +96,25 @@ class MicroBatcher:
                 self._dispatch()
         return future
 
-    def _take(self) -> list[_Item]:
-        """Whole requests, oldest first, up to ``max_batch_size`` texts (at least one)."""
+    def _take(self) -> list[_Slice]:
+        """Up to ``max_batch_size`` texts: whole requests oldest first, the last one sliced.
+
+        A request that does not fit whole gives a slice and goes to the back of the queue,
+        so small requests behind it wait for one batch, not for all of its texts.
+        """
         pending = self._pending
-        size = len(pending[0].texts)
-        n = 1
-        while n < len(pending) and size + len(pending[n].texts) <= self.max_batch_size:
-            size += len(pending[n].texts)
-            n += 1
-        batch = pending[:n]
-        del pending[:n]
+        room = self.max_batch_size
+        batch: list[_Slice] = []
+        while pending and room > 0:
+            item = pending[0]
+            take = min(room, len(item.texts) - item.sent)
+            batch.append((item, item.sent, item.sent + take))
+            item.sent += take
+            room -= take
+            pending.pop(0)
+            if item.sent < len(item.texts):  # the rest waits its turn behind the others
+                pending.append(item)
+                break
         return batch
 
     def _dispatch(self) -> None:
@@ -103,7 +123,11 @@ class MicroBatcher:
             return
         batch = self._take()
         self._concurrent = len(batch) > 1 or bool(self._pending)
-        texts = batch[0].texts if len(batch) == 1 else [t for item in batch for t in item.texts]
+        item, start, end = batch[0]
+        if len(batch) == 1 and start == 0 and end == len(item.texts):
+            texts = item.texts
+        else:
+            texts = [t for item, start, end in batch for t in item.texts[start:end]]
         work = self._executor.submit(self._run, texts, len(batch))
         loop = self._loop
         assert loop is not None
@@ -121,13 +145,13 @@ class MicroBatcher:
                 log.exception("per-batch metrics failed (the batch was answered)")
         return proba
 
-    def _finished(self, batch: list[_Item], done: Future[np.ndarray]) -> None:
+    def _finished(self, batch: list[_Slice], done: Future[np.ndarray]) -> None:
         exc = done.exception()
         if exc is not None:
             if len(batch) == 1:
-                _resolve(batch[0].future, exc)
+                self._fail(batch[0][0], exc)
             else:
-                # A merged batch failed: rerun its requests one by one, off the loop.
+                # A merged batch failed: rerun its slices one by one, off the loop.
                 isolate = self._executor.submit(self._isolate, batch)
                 loop = self._loop
                 assert loop is not None
@@ -140,35 +164,49 @@ class MicroBatcher:
         else:
             proba = done.result()
             self.stats.batches += 1
-            self.stats.requests += len(batch)
-            if len(batch) == 1:
-                self.stats.texts += proba.shape[0]
-                _resolve(batch[0].future, proba)
-            else:
-                offset = 0
-                for item in batch:
-                    n = len(item.texts)
-                    _resolve(item.future, proba[offset : offset + n])
-                    offset += n
-                self.stats.texts += offset
+            offset = 0
+            for item, start, end in batch:
+                self._add(item, proba[offset : offset + end - start])
+                offset += end - start
         self._dispatch()
 
-    def _isolate(self, batch: list[_Item]) -> list[np.ndarray | BaseException]:
+    def _add(self, item: _Item, part: np.ndarray) -> None:
+        """One slice's answer; the request is answered with its last slice."""
+        if item.future.done():  # failed by another slice, or the caller went away
+            return
+        item.parts.append(part)
+        answered = sum(p.shape[0] for p in item.parts)
+        if answered < len(item.texts):
+            return
+        self.stats.requests += 1
+        self.stats.texts += answered
+        parts = item.parts
+        _resolve(item.future, parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0))
+
+    def _fail(self, item: _Item, exc: BaseException) -> None:
+        if item in self._pending:  # its other slices need not run
+            self._pending.remove(item)
+        _resolve(item.future, exc)
+
+    def _isolate(self, batch: list[_Slice]) -> list[np.ndarray | BaseException]:
         results: list[np.ndarray | BaseException] = []
-        for item in batch:
+        for item, start, end in batch:
             try:
-                results.append(self._run(item.texts, 1))
+                results.append(self._run(item.texts[start:end], 1))
             except Exception as exc:  # each failure goes to its own caller
                 results.append(exc)
         return results
 
-    def _isolated(self, batch: list[_Item], results: list[np.ndarray | BaseException]) -> None:
-        for item, result in zip(batch, results, strict=True):
-            _resolve(item.future, result)
+    def _isolated(self, batch: list[_Slice], results: list[np.ndarray | BaseException]) -> None:
+        for (item, _start, _end), result in zip(batch, results, strict=True):
+            if isinstance(result, BaseException):
+                self._fail(item, result)
+            else:
+                self._add(item, result)
         self._dispatch()
 
     def _forward(self, texts: Sequence[str]) -> np.ndarray:
-        """Splits a single request larger than ``max_batch_size`` into max-size chunks."""
+        """Splits a batch larger than ``max_batch_size`` into max-size chunks (defensive)."""
         if len(texts) <= self.max_batch_size:
             return self.fn(texts)
         parts = [

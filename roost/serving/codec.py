@@ -2,6 +2,15 @@
 
 Every protocol goes through the same checks and raises the same
 ``kserve.errors.InvalidInput`` (HTTP 400 / gRPC INVALID_ARGUMENT) naming the field.
+
+The input rule (the same for all three protocols; docs/serving.md states it):
+
+- a text is Unicode: UTF-8 on the wire, no lone surrogate (a JSON ``\\ud800`` escape
+  without its pair); any string of the request that breaks this is a 400 naming the field;
+- the one input's ``datatype`` is BYTES, compared case-insensitively (KServe upper-cases
+  REST datatypes; gRPC does the same here);
+- at most ``max_texts_per_request`` texts per request: more is HTTP 413 / gRPC
+  INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -9,7 +18,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -17,16 +25,61 @@ import orjson
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
+from roost.client import Protocol as Protocol  # the one enum, re-exported
+
 TEXT_INPUT = "text"
 LABEL_OUTPUT = "label"
 PROBS_OUTPUT = "probabilities"
 CONFIDENCE_OUTPUT = "confidence"
 
 
-class Protocol(StrEnum):
-    REST_V1 = "rest-v1"
-    REST_V2 = "rest-v2"
-    GRPC_V2 = "grpc-v2"
+class TooManyTexts(InvalidInput):  # type: ignore[misc]
+    """More texts in one request than ``serving.max_texts_per_request`` (HTTP 413)."""
+
+    http_status = 413
+
+
+def check_count(count: int, limit: int | None, where: str) -> None:
+    if limit is not None and count > limit:
+        raise TooManyTexts(
+            f"{where}: {count} texts; at most {limit} per request (serving.max_texts_per_request)"
+        )
+
+
+def show(value: Any) -> str:
+    """A client's value inside an error message: always encodable (lone surrogates escaped)."""
+    text = value if isinstance(value, str) else repr(value)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def unicode_error(value: str) -> bool:
+    """True when ``value`` holds a lone surrogate (not encodable as UTF-8)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def lone_surrogate_field(payload: Any, where: str = "") -> str | None:
+    """The first field (``inputs[0].data[1]``, ``id``) of a parsed JSON body holding a lone
+    surrogate, in a key or a value; None when there is none."""
+    if isinstance(payload, str):
+        return (where or "request body") if unicode_error(payload) else None
+    if isinstance(payload, dict):
+        for key, value in payload.items():
+            name = f"{where}.{show(key)}" if where else show(key)
+            if isinstance(key, str) and unicode_error(key):
+                return name
+            found = lone_surrogate_field(value, name)
+            if found:
+                return found
+    elif isinstance(payload, list):
+        for i, value in enumerate(payload):
+            found = lone_surrogate_field(value, f"{where}[{i}]")
+            if found:
+                return found
+    return None
 
 
 @dataclass(frozen=True)
@@ -42,13 +95,13 @@ def protocol_of(body: Any) -> Protocol:
     return Protocol.REST_V1
 
 
-def decode(payload: Any) -> Decoded:
+def decode(payload: Any, max_texts: int | None = None) -> Decoded:
     if isinstance(payload, InferRequest):
-        return decode_v2(payload)
-    return decode_v1(payload)
+        return decode_v2(payload, max_texts)
+    return decode_v1(payload, max_texts)
 
 
-def decode_v1(payload: Any) -> Decoded:
+def decode_v1(payload: Any, max_texts: int | None = None) -> Decoded:
     """``{"instances": ["text", ...]}``; an instance may also be ``{"text": "..."}``."""
     if isinstance(payload, bytes | bytearray | str):
         raise InvalidInput("request body: expected a JSON object with an 'instances' list")
@@ -64,6 +117,7 @@ def decode_v1(payload: Any) -> Decoded:
         raise InvalidInput(f"instances: expected a list of strings, got {_json_type(instances)}")
     if not instances:
         raise InvalidInput("instances: must not be empty")
+    check_count(len(instances), max_texts, "instances")
     texts = []
     for i, item in enumerate(instances):
         if isinstance(item, dict) and TEXT_INPUT in item:
@@ -73,20 +127,25 @@ def decode_v1(payload: Any) -> Decoded:
             where = f"instances[{i}]"
         if not isinstance(item, str):
             raise InvalidInput(f"{where}: expected a string, got {_json_type(item)}")
+        if unicode_error(item):
+            raise InvalidInput(f"{where}: not valid Unicode (a lone surrogate)")
         texts.append(item)
     return Decoded(texts, Protocol.REST_V1)
 
 
-def decode_v2(request: InferRequest) -> Decoded:
+def decode_v2(request: InferRequest, max_texts: int | None = None) -> Decoded:
     """One BYTES input of texts, shape [n] or [n, 1]."""
     protocol = Protocol.GRPC_V2 if request.from_grpc else Protocol.REST_V2
     if len(request.inputs) != 1:
         raise InvalidInput(
             f"inputs: expected exactly one BYTES input of texts, got {len(request.inputs)}"
         )
+    if request.id is not None and (not isinstance(request.id, str) or unicode_error(request.id)):
+        raise InvalidInput("id: expected a string of valid Unicode")
     tensor = request.inputs[0]
-    if tensor.datatype != "BYTES":
-        raise InvalidInput(f"inputs[0].datatype: expected BYTES, got {tensor.datatype}")
+    datatype = tensor.datatype
+    if not isinstance(datatype, str) or datatype.upper() != "BYTES":
+        raise InvalidInput(f"inputs[0].datatype: expected BYTES, got {show(datatype)}")
     shape = list(tensor.shape)
     if not shape or any((not isinstance(d, int)) or d < 0 for d in shape):
         raise InvalidInput(f"inputs[0].shape: expected [n] or [n, 1], got {shape}")
@@ -100,6 +159,7 @@ def decode_v2(request: InferRequest) -> Decoded:
         )
     if not values:
         raise InvalidInput("inputs[0].data: must not be empty")
+    check_count(len(values), max_texts, "inputs[0].data")
     texts = []
     for i, value in enumerate(values):
         if isinstance(value, bytes | bytearray | np.bytes_):
@@ -109,6 +169,8 @@ def decode_v2(request: InferRequest) -> Decoded:
                 raise InvalidInput(f"inputs[0].data[{i}]: not valid UTF-8") from None
         if not isinstance(value, str):
             raise InvalidInput(f"inputs[0].data[{i}]: expected a string, got {_json_type(value)}")
+        if unicode_error(value):
+            raise InvalidInput(f"inputs[0].data[{i}]: not valid Unicode (a lone surrogate)")
         texts.append(value)
     return Decoded(texts, protocol, request)
 
@@ -282,11 +344,11 @@ def plain_v1(body: Any) -> list[str] | None:
     return texts
 
 
-def plain_grpc(request: Any, model_name: str) -> list[str] | None:
+def plain_grpc(request: Any, model_name: str, model_version: str | None = None) -> list[str] | None:
     """Texts of a plain gRPC ``ModelInferRequest`` for ``model_name`` (bytes_contents)."""
     if (
         request.model_name != model_name
-        or request.model_version
+        or (request.model_version and request.model_version != model_version)
         or len(request.inputs) != 1
         or request.raw_input_contents
         or request.outputs
@@ -294,7 +356,9 @@ def plain_grpc(request: Any, model_name: str) -> list[str] | None:
     ):
         return None
     tensor = request.inputs[0]
-    if tensor.datatype != "BYTES" or tensor.parameters or not _plain_shape(list(tensor.shape)):
+    if tensor.datatype.upper() != "BYTES" or tensor.parameters:
+        return None
+    if not _plain_shape(list(tensor.shape)):
         return None
     values = tensor.contents.bytes_contents
     if not values or len(values) != math.prod(tensor.shape):
@@ -365,3 +429,131 @@ def grpc_response(
                    contents=contents(fp32_contents=proba.max(axis=1).tolist())),
         ],
     )  # fmt: skip
+
+
+# -- the binary tensor extension (REST) and raw_input_contents (gRPC) ----------------------
+# KServe parses these before any roost code runs and answers 500 for malformed ones (a bad
+# size, a cut length prefix, shape [-1]). These checks run first; a request that passes them
+# parses in KServe without error, and one that fails gets a 400 / INVALID_ARGUMENT.
+
+FIXED_SIZES = {
+    "BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16": 2, "BF16": 2,
+    "UINT32": 4, "INT32": 4, "FP32": 4, "UINT64": 8, "INT64": 8, "FP64": 8,
+}  # fmt: skip
+
+
+def split_bytes_tensor(raw: bytes, count: int, where: str) -> list[bytes]:
+    """The elements of a BYTES tensor in the binary layout (4-byte little-endian length, bytes)."""
+    out: list[bytes] = []
+    pos, end = 0, len(raw)
+    while pos < end:
+        if len(out) >= count:
+            raise InvalidInput(f"{where}: more data than the {count} element(s) of the shape")
+        if pos + 4 > end:
+            raise InvalidInput(f"{where}: element {len(out)}: length prefix cut short")
+        size = int.from_bytes(raw[pos : pos + 4], "little")
+        pos += 4
+        if size > end - pos:
+            raise InvalidInput(
+                f"{where}: element {len(out)}: length {size} runs past the end of the data "
+                f"({end - pos} byte(s) left)"
+            )
+        out.append(raw[pos : pos + size])
+        pos += size
+    if len(out) != count:
+        raise InvalidInput(f"{where}: holds {len(out)} element(s) but the shape says {count}")
+    return out
+
+
+def _shape(value: Any, where: str) -> int:
+    if type(value) is not list or not all(type(d) is int and d >= 0 for d in value):
+        raise InvalidInput(f"{where}: expected a list of non-negative integers, got {show(value)}")
+    return math.prod(value)
+
+
+def check_raw_tensor(datatype: str, shape: Any, raw: bytes, where: str) -> None:
+    """A tensor's raw bytes agree with its datatype and shape (BYTES: every length prefix)."""
+    count = _shape(shape, f"{where}.shape")
+    kind = datatype.upper() if isinstance(datatype, str) else ""
+    if kind == "BYTES":
+        for i, element in enumerate(split_bytes_tensor(raw, count, f"{where} (binary data)")):
+            try:
+                element.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidInput(f"{where}.data[{i}]: not valid UTF-8") from None
+    elif kind in FIXED_SIZES:
+        if len(raw) != count * FIXED_SIZES[kind]:
+            raise InvalidInput(
+                f"{where}: {len(raw)} byte(s) of binary data; {kind} {shape} needs "
+                f"{count * FIXED_SIZES[kind]}"
+            )
+    else:
+        raise InvalidInput(f"{where}.datatype: unknown datatype {show(datatype)}")
+
+
+def check_binary_request(body: bytes, header_length: str) -> None:
+    """A REST v2 request with ``Inference-Header-Content-Length``: JSON header + binary data."""
+    name = "Inference-Header-Content-Length"
+    if not header_length.isascii() or not header_length.isdigit():
+        raise InvalidInput(f"{name}: expected a byte count, got {show(header_length)}")
+    json_length = int(header_length)
+    if not 0 < json_length <= len(body):
+        raise InvalidInput(f"{name}: {json_length} is outside the body's {len(body)} byte(s)")
+    try:
+        header = orjson.loads(body[:json_length])
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"request header: malformed JSON ({exc})") from None
+    if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
+        raise InvalidInput("inputs: field required (a list of tensors)")
+    offset = json_length
+    for i, tensor in enumerate(header["inputs"]):
+        where = f"inputs[{i}]"
+        if not isinstance(tensor, dict):
+            raise InvalidInput(f"{where}: expected an object")
+        for key, kind in (("name", str), ("datatype", str)):
+            if not isinstance(tensor.get(key), kind):
+                raise InvalidInput(f"{where}.{key}: field required (a string)")
+        parameters = tensor.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise InvalidInput(f"{where}.parameters: expected an object")
+        if "data" in tensor:
+            _shape(tensor.get("shape"), f"{where}.shape")
+            continue
+        size = (parameters or {}).get("binary_data_size")
+        if type(size) is not int or size < 0:
+            raise InvalidInput(
+                f"{where}.parameters.binary_data_size: expected a non-negative integer, "
+                f"got {show(size)}"
+            )
+        if size > len(body) - offset:
+            raise InvalidInput(
+                f"{where}.parameters.binary_data_size: {size} byte(s) but only "
+                f"{len(body) - offset} left in the body"
+            )
+        check_raw_tensor(
+            tensor["datatype"], tensor.get("shape"), body[offset : offset + size], where
+        )
+        offset += size
+    if offset != len(body):
+        raise InvalidInput(
+            f"request body: {len(body) - offset} byte(s) after the binary data the inputs declare"
+        )
+    outputs = header.get("outputs")
+    if outputs is not None and (
+        not isinstance(outputs, list)
+        or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs)
+    ):
+        raise InvalidInput("outputs: expected a list of objects with a name")
+
+
+def check_grpc_raw(request: Any) -> None:
+    """``raw_input_contents`` of a gRPC ``ModelInferRequest`` agree with its inputs."""
+    raw = request.raw_input_contents
+    if not raw:
+        return
+    if len(raw) != len(request.inputs):
+        raise InvalidInput(
+            f"raw_input_contents: {len(raw)} entries for {len(request.inputs)} input(s)"
+        )
+    for i, (tensor, data) in enumerate(zip(request.inputs, raw, strict=True)):
+        check_raw_tensor(tensor.datatype, list(tensor.shape), data, f"inputs[{i}]")

@@ -1,8 +1,8 @@
 """Run the model server as a local background process on loopback ports.
 
 The demo, the local rollout backend, the benchmark and the tests start model servers
-through this one function, with the entry point a pod runs: ``python -m roost.serving``
-(``roost serve``'s flags and server, without the CLI's imports).
+through this one function, with the entry point a pod runs: ``roost serve`` (here as
+``python -m roost serve``, the same CLI, flags and server).
 """
 
 from __future__ import annotations
@@ -53,13 +53,17 @@ def start(
     tracking_uri: str | None = None,
     env: dict[str, str] | None = None,
     extra_args: list[str] | None = None,
+    verbose: int = 0,
 ) -> LocalServer:
-    """Start the model server for ``model_uri`` in the background; call ``wait_ready`` next."""
+    """Start the model server for ``model_uri`` in the background; call ``wait_ready`` next.
+
+    ``extra_args`` are more ``roost serve`` flags; ``verbose`` counts the CLI's ``-v``.
+    """
     name = name or settings.serving.model_name
     http_port = http_port or proc.free_port()
     grpc_port = grpc_port or proc.free_port()
     argv = [
-        sys.executable, "-m", "roost.serving", "--log-format", "json",
+        sys.executable, "-m", "roost", "--log-format", "json", *["-v"] * verbose, "serve",
         "--model-uri", model_uri,
         "--model-name", name,
         "--http-port", str(http_port),

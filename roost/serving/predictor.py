@@ -117,6 +117,10 @@ class SentimentModel(kserve.Model):  # type: ignore[misc]
         self.ready = True
         return self.ready
 
+    def unload(self) -> None:
+        """Stop answering (the repository extension's unload): not ready until loaded again."""
+        self.ready = False
+
     def _resolve(self) -> Any:
         """A local directory for the model URI; the registry (MLflow) only when it needs one."""
         from pathlib import Path
@@ -197,7 +201,7 @@ class SentimentModel(kserve.Model):  # type: ignore[misc]
         headers: dict[str, str] | None = None,
         verb: InferenceVerb = InferenceVerb.PREDICT,
     ) -> Any:
-        protocol = codec.protocol_of(body).value
+        protocol = codec.protocol_of(body).label
         labels = self._labels()
         start = time.perf_counter()
         try:
@@ -213,7 +217,7 @@ class SentimentModel(kserve.Model):  # type: ignore[misc]
         return result
 
     def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> codec.Decoded:
-        return codec.decode(payload)
+        return codec.decode(payload, self.settings.serving.max_texts_per_request)
 
     async def predict(
         self,

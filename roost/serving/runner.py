@@ -11,24 +11,23 @@ same endpoints, middleware and handlers, but on uvloop, with
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 from collections.abc import Callable
 from typing import Any
 
 import kserve
-from grpc import aio
 from kserve import model_server
 from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
-from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
-from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
-from kserve.protocol.grpc.server import GRPCServer
+from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.rest.server import RESTServer
 
 from roost import proc
 from roost.config import Settings
 from roost.serving.fastpath import FastASGI, FastPath, FastServicer, http_protocol
+from roost.serving.grpcserver import RoostGRPCServer
+from roost.serving.guard import Repository
 from roost.serving.predictor import SentimentModel
+from roost.serving.server import prepare_app
 
 log = logging.getLogger(__name__)
 
@@ -47,30 +46,29 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop]:
     return asyncio.new_event_loop
 
 
-class FastGRPCServer(GRPCServer):  # type: ignore[misc]
-    """KServe's gRPC server (same interceptors and limits) with :class:`FastServicer`."""
+class RoostDataPlane(DataPlane):  # type: ignore[misc]
+    """KServe's data plane; the server is ready only while every model it holds is ready.
 
-    def __init__(self, model: SentimentModel, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    KServe's ``ready()`` says True with no model at all (after an unload): a readiness probe
+    would keep routing traffic to a server that answers every inference with an error.
+    """
+
+    async def ready(self) -> bool:
+        models = self.model_registry.get_models().values()
+        return bool(models) and all(m.ready for m in models) and bool(await super().ready())
+
+
+class RoostRESTServer(RESTServer):  # type: ignore[misc]
+    """KServe's REST server, then roost's middleware and handlers on top of KServe's."""
+
+    def __init__(self, model: SentimentModel, settings: Settings, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
         self.model = model
+        self.settings = settings
 
-    async def start(self, max_workers: int) -> None:
-        servicer = FastServicer(self._data_plane, self._model_repository_extension, self.model)
-        self._server = aio.server(
-            concurrent.futures.ThreadPoolExecutor(max_workers=max_workers),
-            interceptors=(LoggingInterceptor(), ExceptionToStatusInterceptor()),
-            options=[
-                ("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
-                (
-                    "grpc.max_receive_message_length",
-                    self._kwargs.get("grpc_max_receive_message_length"),
-                ),
-            ],
-        )
-        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
-        self._server.add_insecure_port(f"[::]:{self._port}")
-        await self._server.start()
-        await self._server.wait_for_termination()
+    def create_application(self) -> None:
+        super().create_application()
+        prepare_app(model_server.app, self.settings, self.model)
 
 
 class RoostModelServer(kserve.ModelServer):  # type: ignore[misc]
@@ -80,11 +78,14 @@ class RoostModelServer(kserve.ModelServer):  # type: ignore[misc]
         super().__init__(**kwargs)
         self.model = model
         self.settings = settings
+        self.dataplane = RoostDataPlane(model_registry=self.registered_models)
 
     def start(self, models: list[Any]) -> None:
         cfg = self.settings.serving
         self._register_and_check_atleast_one_model_is_ready(models)
-        rest = RESTServer(
+        rest = RoostRESTServer(
+            self.model,
+            self.settings,
             FASTAPI_APP_IMPORT_STRING,
             self.dataplane,
             self.model_repository_extension,
@@ -93,29 +94,40 @@ class RoostModelServer(kserve.ModelServer):  # type: ignore[misc]
             workers=1,
             grace_period=self.grace_period,
             event_loop="auto",
-            timeout_keep_alive=self.timeout_keep_alive,
+            timeout_keep_alive=cfg.keep_alive_timeout_s,
         )
-        if cfg.fast_path:
-            fast = FastPath(self.model, cfg.max_body_bytes)
-            protocol = http_protocol(fast)
-            if protocol is not None:  # uvicorn takes a protocol class for `http`
-                rest.config.http = protocol
-            else:  # uvicorn serves what its config names: KServe's app behind the fast path
-                log.warning("uvicorn's httptools protocol not as expected; fast path via ASGI")
+        fast = FastPath(self.model, cfg.max_body_bytes, cfg.max_texts_per_request)
+        protocol = http_protocol(fast if cfg.fast_path else None, cfg)
+        if protocol is not None:  # uvicorn takes a protocol class for `http`
+            rest.config.http = protocol
+        else:  # uvicorn serves what its config names: KServe's app behind the fast path
+            log.warning(
+                "uvicorn's httptools protocol not as expected: fast path via ASGI and "
+                "no header/body timeouts or connection limit"
+            )
+            if cfg.fast_path:
                 rest.config.app = FastASGI(fast, model_server.app)
         self._rest_server = rest
         self.servers.append(rest.start())
         if self.enable_grpc:
-            grpc_args: tuple[Any, ...] = (
+            token = cfg.repository_token.get_secret_value() if cfg.repository_token else None
+            servicer = FastServicer(
+                self.dataplane,
+                Repository(self.model, cfg.repository_extension, token),
+                self.model,
+                fast=cfg.fast_path,
+                max_texts=cfg.max_texts_per_request,
+            )
+            self._grpc_server = RoostGRPCServer(
+                self.model,
+                servicer,
+                cfg,
                 self.grpc_port,
                 self.dataplane,
                 self.model_repository_extension,
+                kwargs=vars(model_server.args),
+                grace_period=self.grace_period,
             )
-            grpc_kwargs = {"kwargs": vars(model_server.args), "grace_period": self.grace_period}
-            if cfg.fast_path:
-                self._grpc_server = FastGRPCServer(self.model, *grpc_args, **grpc_kwargs)
-            else:
-                self._grpc_server = GRPCServer(*grpc_args, **grpc_kwargs)
             self.servers.append(self._grpc_server.start(self.max_threads))
         self.register_signal_handler()
         workers: int | None = getattr(self, "max_asyncio_workers", None)

@@ -1,8 +1,10 @@
 """Start the predictor with ``kserve.ModelServer``: REST v1/v2 on one port, gRPC v2 on another.
 
-roost adds to KServe's FastAPI app, before it starts: a request-body limit (HTTP 413),
-request-validation errors as HTTP 400 with the field named (FastAPI's default is 422
-without a JSON ``error``), and roost's own Prometheus metrics on the same ``/metrics``.
+roost adds to KServe's FastAPI app, before it starts: :class:`~roost.serving.guard.RequestGuard`
+(body limit, repository extension, versioned paths, binary-extension and Unicode checks, no
+500 without ``Connection: close``), request-validation errors as HTTP 400 with the field named
+(FastAPI's default is 422 without a JSON ``error``), exception handlers that log a client's
+error as one info line, and roost's own Prometheus metrics on the same ``/metrics``.
 """
 
 from __future__ import annotations
@@ -11,65 +13,15 @@ import gc
 import logging
 from typing import Any
 
-import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import ORJSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from roost.config import Settings
+from roost.serving import guard
 
 log = logging.getLogger(__name__)
-
-
-class BodyLimit:
-    """ASGI middleware: bodies over ``limit`` bytes get 413 before any handler reads them."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("method") not in {"POST", "PUT", "PATCH"}:
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._reject(send)
-            return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                await self._reject(send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        await self.app(scope, replay_body(b"".join(chunks), receive), send)
-
-    async def _reject(self, send: Send) -> None:
-        payload = orjson.dumps(
-            {"error": f"request body: larger than the limit of {self.limit} bytes"}
-        )
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(payload)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": payload})
 
 
 def _field(loc: tuple[Any, ...]) -> str:
@@ -80,21 +32,7 @@ def _field(loc: tuple[Any, ...]) -> str:
     return out or "request body"
 
 
-def replay_body(body: bytes, receive: Receive) -> Receive:
-    """A ``receive`` that hands an already-read body to the next app once, then defers."""
-    replayed = False
-
-    async def replay() -> Message:
-        nonlocal replayed
-        if not replayed:
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
-
-
-async def validation_error(_: Request, exc: Exception) -> ORJSONResponse:
+async def validation_error(request: Request, exc: Exception) -> ORJSONResponse:
     assert isinstance(exc, RequestValidationError)
     messages = []
     for err in exc.errors():
@@ -103,23 +41,33 @@ async def validation_error(_: Request, exc: Exception) -> ORJSONResponse:
             messages.append(f"request body: malformed JSON ({detail})")
         else:
             messages.append(f"{_field(tuple(err.get('loc', ())))}: {err.get('msg')}")
-    return ORJSONResponse({"error": "; ".join(messages)}, status_code=400)
+    message = "; ".join(messages)
+    guard.client_error(400, request.method, request.url.path, message)
+    return ORJSONResponse({"error": message}, status_code=400)
 
 
-async def http_error(_: Request, exc: Exception) -> ORJSONResponse:
+async def http_error(request: Request, exc: Exception) -> ORJSONResponse:
     """Starlette/FastAPI HTTP errors (unparseable body, unknown route) as ``{"error": ...}``."""
     assert isinstance(exc, StarletteHTTPException)
     detail = str(exc.detail)
     if exc.status_code == 400 and "parsing the body" in detail:
         detail = "request body: not valid UTF-8 JSON"
+    if exc.status_code < 500:
+        guard.client_error(exc.status_code, request.method, request.url.path, detail)
     return ORJSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)
 
 
-def prepare_app(app: FastAPI, settings: Settings) -> None:
-    """Add roost's middleware and handlers to KServe's app (before it starts)."""
-    app.add_middleware(BodyLimit, limit=settings.serving.max_body_bytes)
+def prepare_app(app: FastAPI, settings: Settings, model: Any) -> None:
+    """Add roost's middleware and handlers to KServe's app (after KServe added its own)."""
+    cfg = settings.serving
+    token = cfg.repository_token.get_secret_value() if cfg.repository_token else None
+    repository = guard.Repository(model, cfg.repository_extension, token)
+    app.add_middleware(
+        guard.RequestGuard, model=model, repository=repository, limit=cfg.max_body_bytes
+    )
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    guard.install_handlers(app)
 
 
 def serve(settings: Settings) -> None:
@@ -134,11 +82,10 @@ def serve(settings: Settings) -> None:
     model = SentimentModel(cfg.model_name, cfg.model_uri, settings)
     model.load()
     # Modules and the model live as long as the process: keep them out of every future
-    # collection, and collect again (python -m roost.serving starts with the collector off).
+    # collection, and collect again (`roost serve` starts it with the collector off).
     gc.freeze()
     gc.enable()
     model_server.args.grpc_max_receive_message_length = cfg.max_body_bytes
-    prepare_app(model_server.app, settings)
     server = RoostModelServer(
         model,
         settings,

@@ -608,3 +608,41 @@ def test_every_roost_command_line_in_the_chart_parses(docs) -> None:
     for command in sorted(commands):
         result = runner.invoke(app, [*command, "--help"])
         assert result.exit_code == 0, f"roost {' '.join(command)}: {result.output}"
+
+
+def test_serving_limits_and_repository_extension(docs) -> None:
+    """Issue 17: the server's limits are chart values; the repository extension is off
+    unless enabled, then its token comes from a Secret; readiness probes ask the model."""
+    runtimes = {r["metadata"]["name"]: r for r in find(docs["ci-kind"], "ServingRuntime")}
+    for name in ("roost-predictor", "roost-predictor-grpc"):
+        (container,) = runtimes[name]["spec"]["containers"]
+        env = env_of(container)
+        assert {k: v for k, v in env.items() if k.startswith("ROOST_SERVING__")} == {
+            "ROOST_SERVING__MAX_TEXTS_PER_REQUEST": "8192",
+            "ROOST_SERVING__HEADER_TIMEOUT_S": "10",
+            "ROOST_SERVING__BODY_TIMEOUT_S": "30",
+            "ROOST_SERVING__KEEP_ALIVE_TIMEOUT_S": "5",
+            "ROOST_SERVING__MAX_CONNECTIONS": "4096",
+            "ROOST_SERVING__GRPC_MAX_INFLIGHT": "512",
+            "ROOST_SERVING__GRPC_RETRY_PUSHBACK_MS": "100",
+            "ROOST_SERVING__GRPC_IDLE_TIMEOUT_S": "300",
+        }
+    # The gRPC runtime's probes ask the model too (a TCP connect says nothing about it).
+    (grpc_container,) = runtimes["roost-predictor-grpc"]["spec"]["containers"]
+    for probe in ("readinessProbe", "startupProbe"):
+        command = " ".join(grpc_container[probe]["exec"]["command"])
+        assert "/v2/models/sentiment/ready" in command, command
+    assert "/v2/health/live" in " ".join(grpc_container["livenessProbe"]["exec"]["command"])
+
+    extra = {"serving": {"repositoryExtension": {"enabled": True, "tokenSecret": {"name": "ops"}}}}
+    objects = documents(render(values_of(VALUE_SETS["ci-kind"], extra)))
+    (runtime, _) = find(objects, "ServingRuntime")
+    env = env_of(runtime["spec"]["containers"][0])
+    assert env["ROOST_SERVING__REPOSITORY_EXTENSION"] == "true"
+    assert env["ROOST_SERVING__REPOSITORY_TOKEN"] == {
+        "secretKeyRef": {"name": "ops", "key": "token"}
+    }
+    # Enabled without a Secret does not render.
+    extra["serving"]["repositoryExtension"]["tokenSecret"]["name"] = ""
+    with pytest.raises(Exception, match="tokenSecret"):
+        render(values_of(VALUE_SETS["ci-kind"], extra))

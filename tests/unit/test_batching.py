@@ -163,3 +163,43 @@ def test_failing_batch_metrics_do_not_fail_the_answer() -> None:
     result = run(batcher.submit(["abc"]))
     assert isinstance(result, np.ndarray)
     assert result.tolist() == [[3.0, 1.0]]
+
+
+def test_a_big_request_shares_the_worker_with_small_ones() -> None:
+    """Issue 17 #10: a small request waits for one slice of a big one, not all of it."""
+    model = FakeModel(delay_s=0.005)
+    batcher = MicroBatcher(model, max_batch_size=4, max_wait_s=0.0)
+    order: list[str] = []
+
+    async def main() -> list[np.ndarray]:
+        big = batcher.enqueue([f"big{i}" for i in range(40)])
+        big.add_done_callback(lambda _: order.append("big"))
+        await asyncio.sleep(0)  # the first slice of the big one is in the worker
+        small = batcher.enqueue(["small"])
+        small.add_done_callback(lambda _: order.append("small"))
+        return list(await asyncio.gather(big, small))
+
+    results = run(main())
+    assert isinstance(results, list)
+    big, small = results
+    # Answers are whole and in order, however they were sliced.
+    assert big.shape == (40, 2) and [int(x) for x in big[:, 0]] == [4] * 10 + [5] * 30
+    assert small.shape == (1, 2)
+    assert order == ["small", "big"]
+    calls_before_small = next(i for i, c in enumerate(model.calls) if "small" in c)
+    assert calls_before_small <= 2, model.calls[:4]
+    assert all(len(call) <= 4 for call in model.calls)
+
+
+def test_a_failing_slice_fails_only_its_request() -> None:
+    model = FakeModel(delay_s=0.002)
+    batcher = MicroBatcher(model, max_batch_size=4, max_wait_s=0.0)
+
+    async def main() -> list[object]:
+        bad = batcher.enqueue(["x"] * 6 + ["bad"] + ["y"] * 6)
+        good = batcher.enqueue(["fine"] * 9)
+        return list(await asyncio.gather(bad, good, return_exceptions=True))
+
+    bad, good = run(main())  # type: ignore[misc]
+    assert isinstance(bad, ValueError)
+    assert isinstance(good, np.ndarray) and good.shape == (9, 2)
