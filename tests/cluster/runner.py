@@ -293,7 +293,8 @@ class Container:
     mounts: dict[str, Path]
     ports: dict[int, int]
     spec: dict[str, Any]
-    workdir: Path
+    workdir: Path  # the pod's directory: volumes and the container's log
+    cwd: Path  # the image's WORKDIR (its mapped volume) or the pod's directory
 
     def where(self) -> str:
         return self.manifest.where(self.name)
@@ -399,11 +400,16 @@ class Runner:
         for i, arg in enumerate(argv):
             previous = argv[i - 1] if i else ""
             if previous.startswith("--") and "port" in previous and arg.isdigit():
-                if int(arg) in port_map:
-                    argv[i] = str(port_map[int(arg)])
+                # Declared or not (a pod listens on undeclared ports too): a free port here.
+                port_map.setdefault(int(arg), proc.free_port())
+                argv[i] = str(port_map[int(arg)])
             elif previous in ("--host", "--address") and arg == "0.0.0.0":
                 argv[i] = "127.0.0.1"
         env = {k: localise(v) for k, v in env.items()}
+        # What the test adds (host paths such as a kubeconfig) keeps its paths: only names.
+        for item in add_env or []:
+            if "value" in item:
+                env[item["name"]] = self.loopback.rewrite(expand(str(item["value"]), env))
         program = PROGRAMS.get(argv[0]) if argv else None
         if program is not None:
             argv[0] = str(program)
@@ -412,7 +418,7 @@ class Runner:
         if image.workdir and image.workdir in mount_dirs:
             cwd = mount_dirs[image.workdir]
         return Container(manifest, chosen["name"], image, argv, env, mount_dirs, port_map,
-                         chosen, cwd)  # fmt: skip
+                         chosen, workdir, cwd)  # fmt: skip
 
     def _fill_volume(self, volume: dict[str, Any], directory: Path, where: str) -> None:
         def write(kind: str, name: str, items: list[dict[str, Any]] | None) -> None:
@@ -558,7 +564,7 @@ class Runner:
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
                     env={**container.env, **(env or {})},
-                    cwd=container.workdir,
+                    cwd=container.cwd,
                     start_new_session=True,
                     **popen,
                 )
@@ -690,7 +696,7 @@ class Running:
             self.process.popen.wait(timeout=30)
 
     def stop(self) -> None:
-        self.process.stop(timeout=10)
+        self.process.stop(timeout=5)
 
 
 @contextlib.contextmanager

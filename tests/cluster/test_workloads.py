@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from roost import proc
 from roost.cli.app import app
-from tests.cluster import kserve
+from tests.cluster import kserve_pod as kserve
 from tests.cluster.runner import ContainerFailed, Manifest, Running, wait_for
 from tests.cluster.stack import RELEASE, Stack, job_labels
 from tests.fixtures.k8s.replay import ReplayServer, Reply, kubeconfig, serve
@@ -38,7 +38,7 @@ PODS = rf"/api/v1/namespaces/{NS}/pods"
 LOG = PODS + r"/[a-z0-9-]+/log"
 CONFIGMAP = rf"/api/v1/namespaces/{NS}/configmaps/{RELEASE}-templates"
 ISVCS = rf"/apis/serving.kserve.io/v1beta1/namespaces/{NS}/inferenceservices"
-EPOCHS, ROWS = 4, 3000
+EPOCHS, ROWS = 2, 1500  # killed after epoch 1, the retry trains epoch 2
 
 
 @pytest.fixture(scope="module")
