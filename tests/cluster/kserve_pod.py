@@ -62,7 +62,7 @@ def s3_env(annotations: dict[str, str]) -> list[dict[str, Any]]:
 
 
 def storage_initializer_env(rendered: Rendered, service_account: str) -> list[dict[str, Any]]:
-    """The env KServe gives the storage initializer of a predictor running as ``service_account``."""
+    """The env KServe gives the storage initializer of a predictor run as ``service_account``."""
     sa = rendered.get("ServiceAccount", service_account).doc
     env: list[dict[str, Any]] = []
     for ref in sa.get("secrets") or []:

@@ -177,9 +177,7 @@ class Loopback:
                     rf"(?<![\w.-]){re.escape(form)}:{port}(?![0-9])", f"127.0.0.1:{local}", text
                 )
                 if port == 80:
-                    text = re.sub(
-                        rf"//{re.escape(form)}(?=[/?#]|$)", f"//127.0.0.1:{local}", text
-                    )
+                    text = re.sub(rf"//{re.escape(form)}(?=[/?#]|$)", f"//127.0.0.1:{local}", text)
         return text
 
     def table(self) -> list[str]:
@@ -346,9 +344,7 @@ class Runner:
         workdir.mkdir(parents=True, exist_ok=True)
         image = image_of(chosen.get("image", ""))
 
-        declared = {
-            int(p["containerPort"]): p.get("name") for p in chosen.get("ports") or []
-        }
+        declared = {int(p["containerPort"]): p.get("name") for p in chosen.get("ports") or []}
         port_map = dict(ports or {})
         for number in declared:
             port_map.setdefault(number, proc.free_port())
@@ -425,7 +421,9 @@ class Runner:
             try:
                 data = self.rendered.data(kind, name)
             except KeyError:
-                raise ContainerFailed(f"{where}: volume {volume['name']!r}: no {kind} {name!r}")
+                raise ContainerFailed(
+                    f"{where}: volume {volume['name']!r}: no {kind} {name!r}"
+                ) from None
             chosen = items or [{"key": k, "path": k} for k in data]
             for item in chosen:
                 if item["key"] not in data:
@@ -472,7 +470,9 @@ class Runner:
                     except KeyError:
                         if ref.get("optional"):
                             continue
-                        raise ContainerFailed(f"{where}: envFrom {kind} {ref['name']!r} not found")
+                        raise ContainerFailed(
+                            f"{where}: envFrom {kind} {ref['name']!r} not found"
+                        ) from None
                     env.update({prefix + k: v for k, v in data.items()})
         for item in [*(container.get("env") or []), *add_env]:
             name = item["name"]
@@ -663,7 +663,9 @@ class Running:
             get = spec["httpGet"]
             url = f"http://127.0.0.1:{self.port(get['port'])}{get.get('path', '/')}"
             try:
-                return 200 <= httpx.get(url, timeout=spec.get("timeoutSeconds", 1)).status_code < 400
+                return (
+                    200 <= httpx.get(url, timeout=spec.get("timeoutSeconds", 1)).status_code < 400
+                )
             except httpx.HTTPError:
                 return False
         if "tcpSocket" in spec:

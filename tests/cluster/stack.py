@@ -141,7 +141,9 @@ def start_mlflow(runner: Runner, timeout: float = 180) -> Running:
     service = component(runner.rendered, "Service", "mlflow")
     port = int(service.doc["spec"]["ports"][0]["port"])
     local = runner.loopback.bind(service.name, port)
-    container_port = int(deployment.doc["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"])
+    container_port = int(
+        deployment.doc["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
+    )
     container = runner.container(deployment, ports={container_port: local})
     running = runner.start(container)
     running.wait_ready(timeout)

@@ -49,7 +49,9 @@ def test_a_secret_the_render_lacks_fails_before_the_program_starts(tmp_path: Pat
         runner.container(deployment)
     message = str(failed.value)
     assert "templates/mlflow/deployment.yaml" in message
-    assert "ROOST_TRACKING__BACKEND_STORE_URI" in message and "'roost-mlflow-db' not found" in message
+    assert (
+        "ROOST_TRACKING__BACKEND_STORE_URI" in message and "'roost-mlflow-db' not found" in message
+    )
 
 
 def test_a_server_that_exits_at_start_up_is_reported_with_its_output(tmp_path: Path) -> None:

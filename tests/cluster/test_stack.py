@@ -84,7 +84,9 @@ def test_eks_mlflow_runs_on_the_external_store_secret(stack: Stack, tmp_path: Pa
             timeout=30,
         )
         assert seen.status_code == 200, seen.text
-        destination = mlflow.container.argv[mlflow.container.argv.index("--artifacts-destination") + 1]
+        destination = mlflow.container.argv[
+            mlflow.container.argv.index("--artifacts-destination") + 1
+        ]
         assert destination == "s3://roost-artifacts-123456789012/mlflow"
     finally:
         runner.stop_all()

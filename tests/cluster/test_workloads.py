@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from roost import proc
 from roost.cli.app import app
 from tests.cluster import kserve_pod as kserve
-from tests.cluster.runner import ContainerFailed, Manifest, Running, wait_for
+from tests.cluster.runner import Manifest, Running, wait_for
 from tests.cluster.stack import RELEASE, Stack, job_labels
 from tests.fixtures.k8s.replay import ReplayServer, Reply, kubeconfig, serve
 
@@ -135,9 +135,9 @@ def test_training_resumes_into_one_run_with_the_model_under_the_artifact_root(
     bucket, _, prefix = destination.removeprefix("s3://").partition("/")
     keys = [
         o["Key"]
-        for page in stack.s3_client().get_paginator("list_objects_v2").paginate(
-            Bucket=bucket, Prefix=prefix + "/"
-        )
+        for page in stack.s3_client()
+        .get_paginator("list_objects_v2")
+        .paginate(Bucket=bucket, Prefix=prefix + "/")
         for o in page.get("Contents", [])
     ]
     assert any(k.endswith("/MLmodel") for k in keys), keys[:20]
@@ -177,10 +177,10 @@ def served(
     trained: Trained,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Served:
+    from mlflow import MlflowClient
+
     from roost import registry
     from roost.config import load_settings
-
-    from mlflow import MlflowClient
 
     client = MlflowClient(stack.mlflow_uri)
     experiment = client.get_experiment_by_name(
@@ -233,7 +233,9 @@ def served(
 def test_storage_initializer_fetched_the_registry_versions_files(served: Served) -> None:
     uri = served.isvc.doc["spec"]["predictor"]["model"]["storageUri"]
     assert uri.startswith("s3://roost/mlflow/")
-    assert (served.model_dir / "MLmodel").is_file(), sorted(p.name for p in served.model_dir.iterdir())
+    assert (served.model_dir / "MLmodel").is_file(), sorted(
+        p.name for p in served.model_dir.iterdir()
+    )
 
 
 def test_predictor_answers_rest_v2_and_grpc(served: Served) -> None:
