@@ -51,6 +51,20 @@ def test_mlflow_keeps_its_store_in_postgresql(stack: Stack) -> None:
     assert location.startswith("mlflow-artifacts:")
 
 
+def test_mlflow_accepts_the_host_headers_in_cluster_clients_send(stack: Stack) -> None:
+    """The loopback map changes where clients connect, not the Host header a pod sends:
+    MLflow 3 refuses unknown hosts, so the rendered --allowed-hosts must list the Service's."""
+    service = f"{RELEASE}-mlflow"
+    port = next(p for (s, p) in stack.runner.loopback.ports if s == service)
+    url = f"{stack.mlflow_uri}/api/2.0/mlflow/experiments/search?max_results=1"
+    for form in stack.runner.loopback.forms(service):
+        for host in (form, f"{form}:{port}"):
+            answer = httpx.get(url, headers={"Host": host}, timeout=30)
+            assert answer.status_code == 200, (host, answer.status_code, answer.text[:200])
+    refused = httpx.get(url, headers={"Host": "mlflow.attacker.example"}, timeout=30)
+    assert refused.status_code in (400, 403), refused.status_code  # the check is on
+
+
 def test_eks_mlflow_runs_on_the_external_store_secret(stack: Stack, tmp_path: Path) -> None:
     """values-eks.yaml: no PostgreSQL or MinIO in the release; the store URI comes from a
     Secret the operator creates (an RDS endpoint), S3 through IRSA (no keys in the pod)."""
