@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -28,14 +27,15 @@ def rendered_for(files: list[str], extra: dict | None = None, existing=None) -> 
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def kind_rendered() -> Rendered:
     return rendered_for(KIND_VALUES)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def stack(kind_rendered: Rendered, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """PostgreSQL, S3 (moto), the bucket Job and MLflow, each from its rendered manifest."""
+    """PostgreSQL, S3 (moto), the bucket Job and MLflow, each from its rendered manifest;
+    stopped when tests/cluster is done, so the rest of `make test` does not carry them."""
     runner = Runner(
         kind_rendered,
         Loopback(NAMESPACE, kind_rendered.cluster_domain),
@@ -51,6 +51,11 @@ def stack(kind_rendered: Rendered, tmp_path_factory: pytest.TempPathFactory) -> 
         runner.stop_all()
 
 
-@pytest.fixture
-def scratch(tmp_path: Path) -> Path:
-    return tmp_path
+@pytest.fixture(scope="module")
+def own_processes(stack: Stack) -> Iterator[None]:
+    """Stop what a module started on the shared stack (predictor, controller) when it ends."""
+    first = len(stack.runner.started)
+    yield
+    for running in reversed(stack.runner.started[first:]):
+        running.stop()
+    del stack.runner.started[first:]

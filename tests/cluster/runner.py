@@ -410,6 +410,7 @@ class Runner:
         if program is not None:
             argv[0] = str(program)
 
+        _check_probe_ports(chosen, port_map, where)
         cwd = workdir
         if image.workdir and image.workdir in mount_dirs:
             cwd = mount_dirs[image.workdir]
@@ -594,6 +595,29 @@ class Runner:
             running.stop()
         for path in self.cleanup:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _check_probe_ports(container: dict[str, Any], ports: dict[int, int], where: str) -> None:
+    """Every probe must aim at a port the container declares or its program is told to use."""
+    names = {p.get("name"): int(p["containerPort"]) for p in container.get("ports") or []}
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        probe = container.get(kind) or {}
+        target = (probe.get("httpGet") or probe.get("tcpSocket") or {}).get("port")
+        if target is None:
+            continue
+        number = names.get(target) if isinstance(target, str) and not target.isdigit() else None
+        if number is None and not (isinstance(target, int) or str(target).isdigit()):
+            raise ContainerFailed(
+                f"{where}: {kind} port {target!r}: the container has no such port"
+            )
+        if int(number if number is not None else target) not in ports:
+            listens = (
+                ", ".join(f"{n}={p}" if n else str(p) for n, p in names.items()) or "none declared"
+            )
+            raise ContainerFailed(
+                f"{where}: {kind} checks port {target}, where nothing listens "
+                f"(container ports: {listens}; port args: {sorted(ports)})"
+            )
 
 
 def _claim_templates(doc: dict[str, Any]) -> set[str]:

@@ -78,3 +78,16 @@ def test_a_server_that_exits_at_start_up_is_reported_with_its_output(tmp_path: P
     message = str(failed.value)
     assert "templates/mlflow/deployment.yaml" in message and "before its readinessProbe" in message
     assert "nosuchdriver" in message  # the server's own error, quoted
+
+
+def test_a_probe_on_a_port_nothing_listens_on_is_caught(tmp_path: Path) -> None:
+    # The readiness probe moved to 5001 while the server listens on mlflow.port (5000): the
+    # pod would never become ready.
+    probe = {"httpGet": {"path": "/health", "port": 5001}, "periodSeconds": 5}
+    runner = runner_for({"mlflow": {"probes": {"readiness": probe}}}, tmp_path)
+    with pytest.raises(ContainerFailed) as failed:
+        runner.container(runner.rendered.get("Deployment", f"{RELEASE}-mlflow"))
+    message = str(failed.value)
+    assert message.startswith("roost/templates/mlflow/deployment.yaml (Deployment/roost-mlflow ")
+    assert "readinessProbe checks port 5001, where nothing listens" in message
+    assert "http=5000" in message

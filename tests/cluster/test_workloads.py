@@ -29,7 +29,7 @@ from tests.cluster.runner import Manifest, Running, wait_for
 from tests.cluster.stack import RELEASE, Stack, job_labels
 from tests.fixtures.k8s.replay import ReplayServer, Reply, kubeconfig, serve
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("own_processes")]
 
 NS = "roost"
 JOBS = rf"/apis/batch/v1/namespaces/{NS}/jobs"
