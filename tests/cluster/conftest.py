@@ -46,6 +46,8 @@ def stack(kind_rendered: Rendered, tmp_path_factory: pytest.TempPathFactory) -> 
         s3 = start_s3(runner)
         bucket = run_bucket_job(runner)
         mlflow = start_mlflow(runner)
+        # Shown with a failing test's captured output: where each Service went.
+        print("loopback map:", *runner.loopback.table(), sep="\n  ")
         yield Stack(runner, postgresql, s3, bucket, mlflow)
     finally:
         runner.stop_all()

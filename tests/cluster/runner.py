@@ -35,8 +35,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -725,17 +723,5 @@ class Running:
         self.process.stop(timeout=5)
 
 
-@contextlib.contextmanager
-def running(runner: Runner) -> Iterator[Runner]:
-    try:
-        yield runner
-    finally:
-        runner.stop_all()
-
-
 def wait_for(predicate: Any, timeout: float, what: str) -> Any:
     return proc.wait_until(predicate, timeout, 0.25, what=what)
-
-
-def elapsed(start: float) -> str:
-    return f"{time.monotonic() - start:.1f}s"
