@@ -38,8 +38,8 @@ demo: venv ## Run the whole loop locally: MLflow, train, gate, canary, serve, pr
 
 .PHONY: test
 test: venv checkov apt-deps ## Install everything, then run unit, integration and e2e tests.
-	@echo ">> pytest (unit, integration, e2e; kind and gpu tests skip themselves without Docker/CUDA)"
-	$(VENV_PY) -m pytest -m "unit or integration or e2e or kind or gpu" $(PYTEST_ARGS)
+	@echo ">> pytest (unit, integration, e2e, cluster; kind and gpu tests skip themselves without Docker/CUDA)"
+	$(VENV_PY) -m pytest -m "unit or integration or e2e or kind or gpu or cluster" $(PYTEST_ARGS)
 
 .PHONY: clean
 clean: ## Stop local servers and remove .roost/ (MLflow store, runs, logs).
@@ -79,13 +79,20 @@ $(CHECKOV):
 	$(CHECKOV_VENV)/bin/pip install -q "checkov==$(CHECKOV_VERSION)"
 
 .PHONY: apt-deps
-apt-deps: ## Install Debian packages the tests use (nginx for the local canary proxy).
+apt-deps: ## Install Debian packages the tests use (nginx for the local canary proxy, PostgreSQL).
 	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo ">> apt-get install nginx-light"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx-light >/dev/null; \
 	  else \
 	    echo "nginx is missing: run 'sudo apt-get install nginx-light' (Debian/Ubuntu)"; exit 1; \
+	  fi; }
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo ">> apt-get install postgresql (MLflow's backend store in tests/cluster)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; \
+	  else \
+	    echo "PostgreSQL is missing: run 'sudo apt-get install postgresql' (Debian/Ubuntu)"; exit 1; \
 	  fi; }
 
 .PHONY: lint
