@@ -402,6 +402,9 @@ class TuneSettings(_Section):
     warmup_epochs: int = Field(1, ge=0, description="Median pruner: epochs never pruned.")
     poll_s: float = Field(0.5, gt=0, description="Seconds between progress reads.")
     promote: bool = Field(False, description="Register and gate the best trial's model.")
+    worker: int | None = Field(
+        None, ge=0, description="Set by `roost tune` for its local workers (sampler seed offset)."
+    )
     space_file: Path | None = Field(
         None, description="YAML search space (`--space`); replaces `space` as a whole."
     )

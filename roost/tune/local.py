@@ -68,7 +68,7 @@ def worker_env(settings: Settings, tracking_uri: str | None) -> dict[str, str]:
     env: dict[str, str] = {"ROOST_STATE_DIR": str(settings.state_dir.resolve())}
     for section in ENV_SECTIONS:
         values = getattr(settings, section).model_dump(
-            mode="json", exclude_defaults=True, exclude={"space", "space_file"}
+            mode="json", exclude_defaults=True, exclude={"space", "space_file", "worker"}
         )
         for key, value in sorted(values.items()):
             if value is not None:
@@ -146,7 +146,9 @@ def run(
         spawned += 1
         log_file = logs_dir / f"{cfg.study}-worker-{spawned}.log"
         worker = proc.start_background(
-            [sys.executable, "-m", "roost", "tune-worker"], log_file, env=env
+            [sys.executable, "-m", "roost", "tune-worker"],
+            log_file,
+            env={**env, "ROOST_TUNE__WORKER": str(spawned - 1)},
         )
         log.info("worker started study=%s pid=%d log=%s", cfg.study, worker.pid, log_file)
         workers.append(worker)

@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 import warnings
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,7 +67,7 @@ def target_trials(cfg: TuneSettings) -> int:
 
 
 def make_sampler(cfg: TuneSettings, salt: int = 0) -> optuna.samplers.BaseSampler:
-    """The sampler; ``salt`` (the worker's pid) keeps parallel seeded workers from drawing alike."""
+    """The sampler; ``salt`` (the worker's number) keeps parallel seeded workers apart."""
     if cfg.sampler == "grid":
         # Every worker must shuffle the grid alike: a trial's grid_id indexes that order.
         return optuna.samplers.GridSampler(space.grid(cfg.space), seed=cfg.seed)
@@ -272,6 +273,14 @@ def trial_settings(settings: Settings, values: dict[str, Any]) -> Settings:
     return Settings.model_validate(base)
 
 
+def worker_salt(index: int | None) -> int:
+    """The worker's number (local workers), else a number from the pod's name (in a pod,
+    every worker may be pid 1): seeded samplers stay reproducible with one local worker."""
+    if index is not None:
+        return index
+    return zlib.crc32(worker_id().encode()) % 100_003
+
+
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -369,7 +378,7 @@ def work(
     """
     cfg = settings.tune
     stop = stop or threading.Event()
-    study = open_study(settings, salt=os.getpid())
+    study = open_study(settings, salt=worker_salt(cfg.worker))
     parent = study.user_attrs.get(PARENT_RUN_ATTR)
     if not parent:
         parent = ensure_parent_run(settings)
