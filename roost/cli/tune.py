@@ -230,10 +230,15 @@ def table(progress: Progress) -> Any:
     for column in ("trial", "params", "value", "epoch", "state", "best so far"):
         grid.add_column(column)
     best: float | None = None
-    best_no: int | None = None
-    for row in progress.rows[-20:]:
-        if row.state == "COMPLETE" and row.value is not None and row.number == progress.best_number:
-            best, best_no = row.value, row.number
+    running_best: dict[int, str] = {}
+    for row in progress.rows:  # best so far, in trial order
+        value = row.value if row.state == "COMPLETE" else None
+        if value is not None and (
+            best is None or (value > best if progress.maximize else value < best)
+        ):
+            best = value
+        running_best[row.number] = "" if best is None else f"{best:.4f}"
+    for row in progress.rows[-20:]:  # the latest trials; the summary has them all
         style = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red"}.get(row.state, "")
         grid.add_row(
             str(row.number),
@@ -241,11 +246,8 @@ def table(progress: Progress) -> Any:
             "" if row.value is None else f"{row.value:.4f}",
             "" if row.epoch is None else str(row.epoch),
             f"[{style}]{row.state}[/]" if style else row.state,
-            ""
-            if progress.best_value is None
-            else f"#{progress.best_number} {progress.best_value:.4f}",
+            running_best[row.number],
         )
-    del best, best_no
     return grid
 
 

@@ -50,6 +50,7 @@ class Progress:
     best_number: int | None
     best_value: float | None
     workers: int
+    maximize: bool = True
 
 
 ProgressHandler = Callable[[Progress], None]
@@ -112,7 +113,13 @@ def progress_of(study: Any, target: int, workers: int) -> Progress:
             )
         )
     return Progress(
-        rows, policy.tally(st.trial_views(study)), target, best_number, best_value, workers
+        rows,
+        policy.tally(st.trial_views(study)),
+        target,
+        best_number,
+        best_value,
+        workers,
+        maximize,
     )
 
 

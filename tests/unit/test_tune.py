@@ -4,6 +4,7 @@ the heartbeat storage, and the CLI's one-line errors for a bad space file."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -325,3 +326,41 @@ def test_storage_url_never_shows_the_password() -> None:
     )
     assert redact("postgresql://optuna@db/optuna") == "postgresql://optuna@db/optuna"
     assert redact("/tmp/x.journal") == "/tmp/x.journal"
+
+
+# -- progress display ------------------------------------------------------------------------
+
+
+def progress(*rows: tuple[int, str, float | None, int | None]) -> Any:
+    from roost.tune.local import Progress, TrialRow
+
+    trial_rows = [TrialRow(n, state, {"train.lr": 0.01}, v, e, None) for n, state, v, e in rows]
+    views_ = [policy.TrialView(r.number, r.state) for r in trial_rows]
+    return Progress(trial_rows, policy.tally(views_), 3, 0, 0.61, 2)
+
+
+def test_plain_progress_prints_one_line_per_trial_event(capsys: pytest.CaptureFixture[str]) -> None:
+    from roost.cli.tune import ProgressDisplay
+
+    display = ProgressDisplay(live=False, quiet=False)
+    display.update(progress((0, "RUNNING", None, None)))
+    display.update(progress((0, "RUNNING", 0.5, 1)))  # an epoch: no line without a terminal
+    display.update(progress((0, "COMPLETE", 0.61, 2), (1, "PRUNED", 0.2, 1)))
+    display.update(progress((0, "COMPLETE", 0.61, 2), (1, "PRUNED", 0.2, 1)))  # nothing new
+    lines = " ".join(capsys.readouterr().err.split())
+    assert lines.count("trial 0 started lr=0.01") == 1
+    assert "trial 0 COMPLETE 0.6100 after 2 epoch(s) | best #0 0.6100 [2/3]" in lines
+    assert lines.count("trial 1 PRUNED 0.2000 after 1 epoch(s)") == 1
+
+
+def test_live_table_has_a_row_per_trial() -> None:
+    from rich.console import Console
+
+    from roost.cli.tune import table
+
+    console = Console(width=160, record=True)
+    console.print(table(progress((0, "COMPLETE", 0.61, 2), (1, "RUNNING", 0.4, 1))))
+    text = console.export_text()
+    assert "2/3 finished" not in text and "1/3 finished" in text
+    assert "COMPLETE" in text and "RUNNING" in text
+    assert text.count("0.6100") == 3  # trial 0's value, and the best so far on both rows
