@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import socket
 import sys
 import threading
 import time
@@ -160,6 +162,7 @@ def run(
         log.info("worker started study=%s pid=%d log=%s", cfg.study, worker.pid, log_file)
         workers.append(worker)
 
+    previous = _stop_on_sigterm(stop)
     try:
         while True:
             st.fail_stale_trials(study)  # also covers a lone worker that died mid-trial
@@ -187,14 +190,26 @@ def run(
                     )
             stop.wait(cfg.poll_s)
     finally:
+        stopped = {f"{socket.gethostname()}:{w.pid}" for w in workers if w.alive()}
         for worker in workers:
             if worker.alive():
                 worker.stop(timeout=10)
+        if stopped:
+            st.fail_trials_of(settings, study, stopped)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if on_progress is not None:
         on_progress(progress_of(study, target, 0))
     summary = st.summarize(settings, study)
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def _stop_on_sigterm(stop: threading.Event) -> Any:
+    """SIGTERM ends the watch loop like Ctrl-C, so the workers are stopped, not orphaned."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
 
 
 def worker_main(settings: Settings, summarize: bool = False) -> int:

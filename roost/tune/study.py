@@ -211,6 +211,23 @@ class StaleTrialHandler:
         self.retry(study, trial)
 
 
+def fail_trials_of(settings: Settings, study: optuna.Study, workers: set[str]) -> list[int]:
+    """Fail the running trials of stopped ``workers`` now (their runs closed, retries queued)
+    instead of waiting ``grace_s`` for their heartbeats to go stale."""
+    handler = StaleTrialHandler(settings)
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get(WORKER_ATTR) not in workers:
+            continue
+        try:
+            study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # it ended meanwhile
+        handler(study, study._storage.get_trial(trial._trial_id))
+        failed.append(trial.number)
+    return failed
+
+
 # -- the study -------------------------------------------------------------------------------
 
 
@@ -296,6 +313,7 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         cfg = self.settings.tune
+        trial.set_user_attr(WORKER_ATTR, self.worker)  # first: a stopped worker's trial is known
         values = space.suggest(trial, cfg.space)
         settings = trial_settings(self.settings, values)
         client = _client(settings)
@@ -311,7 +329,6 @@ class Objective:
         run = client.create_run(exp_id, run_name=f"{cfg.study}-trial-{trial.number}", tags=tags)
         run_id = run.info.run_id
         trial.set_user_attr(RUN_ATTR, run_id)
-        trial.set_user_attr(WORKER_ATTR, self.worker)
         reported: list[float] = []
 
         def after_epoch(stats: EpochStats) -> None:
@@ -477,10 +494,11 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
     return study.best_trial
 
 
+# plot name -> (optuna.visualization.matplotlib function, complete trials it needs)
 PLOTS = {
-    "optimization_history": "plot_optimization_history",
-    "parallel_coordinate": "plot_parallel_coordinate",
-    "param_importances": "plot_param_importances",
+    "optimization_history": ("plot_optimization_history", 1),
+    "parallel_coordinate": ("plot_parallel_coordinate", 1),
+    "param_importances": ("plot_param_importances", 2),
 }
 
 
@@ -548,7 +566,9 @@ def summarize(settings: Settings, study: optuna.Study) -> StudySummary:
         csv = Path(tmp) / "trials.csv"
         study.trials_dataframe().to_csv(csv, index=False)
         client.log_artifact(parent, str(csv))
-    for name, function in PLOTS.items():
+    for name, (function, needed) in PLOTS.items():
+        if counts.complete < needed:
+            continue
         try:
             axes = getattr(ovm, function)(study)
         except (ValueError, RuntimeError, ZeroDivisionError) as exc:
