@@ -127,7 +127,7 @@ def _register() -> None:
     app.add_typer(cluster.aws_app, name="aws")
     app.command("deploy")(cluster.deploy)
     app.add_typer(bench.app, name="bench")
-    app.command("tune")(tune.tune)
+    app.command("tune", epilog=tune.EPILOG)(tune.tune)
     app.command("tune-worker", hidden=True)(tune.worker)
 
 

@@ -15,6 +15,13 @@ if TYPE_CHECKING:
     from roost.tune.study import StudySummary
 
 
+EPILOG = (
+    "Example: roost tune --trials 20 --parallel 2 --space space.yaml --promote "
+    "(space.yaml: `train.lr: {type: float, low: 1.0e-4, high: 3.0e-2, log: true}`; "
+    "see docs/tuning.md)"
+)
+
+
 def tune(
     ctx: typer.Context,
     trials: Annotated[
