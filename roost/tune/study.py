@@ -348,7 +348,10 @@ class Objective:
             close_trial_run(settings, run_id, "PRUNED", str(exc))
             raise
         except BaseException as exc:
-            close_trial_run(settings, run_id, "FAIL", f"{type(exc).__name__}: {exc}")
+            reason = f"{type(exc).__name__}: {exc}"
+            trial.set_user_attr("error", reason[:500])
+            log.warning("trial failed study=%s trial=%d error=%s", cfg.study, trial.number, reason)
+            close_trial_run(settings, run_id, "FAIL", reason)
             raise
         best = outcome.history[outcome.best_epoch - 1]
         value = epoch_value(best, cfg.metric)
@@ -461,6 +464,7 @@ class StudySummary:
     seconds: float = 0.0
     plots: list[str] = field(default_factory=list)
     promotion: dict[str, Any] | None = None
+    errors: dict[int, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -477,6 +481,7 @@ class StudySummary:
             "epochs_run": self.epochs_run,
             "best": self.best,
             "plots": self.plots,
+            "errors": {str(k): v for k, v in self.errors.items()},
             "seconds": round(self.seconds, 1),
             "promotion": self.promotion,
         }
@@ -528,6 +533,11 @@ def summarize(settings: Settings, study: optuna.Study) -> StudySummary:
         retried=counts.retried,
         epochs_run=epochs_run(trials),
         best=None,
+        errors={
+            t.number: str(t.user_attrs.get("error", "worker lost"))
+            for t in trials
+            if t.state == TrialState.FAIL
+        },
     )
     metrics: dict[str, float] = {
         "trials_complete": counts.complete,

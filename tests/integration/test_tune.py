@@ -104,7 +104,9 @@ def parallel_study(home: Path, mlflow_server: tracking.ServerState) -> dict[str,
 
 def test_k2_study_records_parent_and_child_runs(parallel_study, client, home: Path) -> None:
     summary = parallel_study
-    assert summary["trials"] == {"target": 4, "complete": 4, "pruned": 0, "failed": 0, "retried": 0}
+    assert summary["trials"] == {
+        "target": 4, "complete": 4, "pruned": 0, "failed": 0, "retried": 0,
+    }, summary["errors"]  # fmt: skip
     assert summary["epochs_run"] == 8
     parent = client.get_run(summary["parent_run_id"])
     assert parent.info.status == "FINISHED"
