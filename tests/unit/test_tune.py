@@ -364,3 +364,15 @@ def test_live_table_has_a_row_per_trial() -> None:
     assert "2/3 finished" not in text and "1/3 finished" in text
     assert "COMPLETE" in text and "RUNNING" in text
     assert text.count("0.6100") == 3  # trial 0's value, and the best so far on both rows
+
+
+def test_a_stopped_workers_trials_fail_at_once_and_are_retried(tmp_path: Path) -> None:
+    settings = load_settings(None, {"state_dir": tmp_path})
+    storage = HeartbeatJournalStorage(tmp_path / "j.journal", heartbeat_s=1, grace_s=3600)
+    study = optuna.create_study(study_name="s", storage=storage)
+    mine, other = study.ask(), study.ask()
+    mine.set_user_attr(st.WORKER_ATTR, "host:101")
+    other.set_user_attr(st.WORKER_ATTR, "host:202")
+    assert st.fail_trials_of(settings, study, {"host:101"}) == [mine.number]
+    states = [t.state.name for t in study.get_trials(deepcopy=False)]
+    assert states == ["FAIL", "RUNNING", "WAITING"]  # the other worker's trial runs on
