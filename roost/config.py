@@ -25,6 +25,7 @@ from pydantic_settings import (
 )
 
 from roost.errors import ConfigError
+from roost.tune.space import Param, default_space
 
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("roost_config_file", default=None)
 
@@ -422,6 +423,73 @@ class BenchSettings(_Section):
     )
 
 
+class TuneSettings(_Section):
+    """Hyper-parameter studies (owned by roost.tune): ``roost tune``.
+
+    Every trial trains with the settings above plus the values its sampler drew from
+    ``space`` (setting path -> distribution, see roost/tune/space.py), reports ``metric`` on
+    the validation split after each epoch (the pruner's input) and is a nested MLflow run
+    under the study's parent run.
+    """
+
+    study: str = Field("sentiment-tune", description="Study name; rerunning it continues it.")
+    trials: int = Field(20, ge=1, description="Finished (complete or pruned) trials to reach.")
+    parallel: int = Field(1, ge=1, le=64, description="Worker processes (pods with --on k8s).")
+    sampler: Literal["tpe", "random", "grid"] = Field("tpe", description="Optuna sampler.")
+    pruner: Literal["median", "hyperband", "none"] = Field("median", description="Optuna pruner.")
+    metric: Literal["val_macro_f1", "val_accuracy", "val_loss"] = Field(
+        "val_macro_f1", description="Objective, reported per epoch (val_loss is minimised)."
+    )
+    space: dict[str, Param] = Field(
+        default_factory=default_space, description="Setting path -> distribution."
+    )
+    timeout_s: float | None = Field(
+        None, gt=0, description="Start no new trial after this many seconds."
+    )
+    seed: int | None = Field(0, description="Sampler seed (None: random).")
+    storage: str | None = Field(
+        None,
+        description="Optuna storage URL (postgresql://... in the cluster, from a Secret); "
+        "default: a journal file under state_dir/tune.",
+    )
+    heartbeat_s: int = Field(5, ge=1, description="A running trial records a heartbeat this often.")
+    grace_s: int = Field(
+        30, ge=2, description="A trial without a heartbeat for this long is failed and retried."
+    )
+    max_retry: int = Field(2, ge=0, description="Retries of a trial whose worker died.")
+    warm_start: str | None = Field(
+        None, description="Enqueue the best trials of this earlier study first."
+    )
+    warm_start_top: int = Field(3, ge=1, description="How many of its best trials.")
+    startup_trials: int = Field(3, ge=0, description="Median pruner: trials before it prunes.")
+    warmup_epochs: int = Field(1, ge=0, description="Median pruner: epochs never pruned.")
+    poll_s: float = Field(0.5, gt=0, description="Seconds between progress reads.")
+    promote: bool = Field(False, description="Register and gate the best trial's model.")
+    worker: int | None = Field(
+        None, ge=0, description="Set by `roost tune` for its local workers (sampler seed offset)."
+    )
+    space_file: Path | None = Field(
+        None, description="YAML search space (`--space`); replaces `space` as a whole."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _space_from_file(cls, data: Any) -> Any:
+        # Sources are deep-merged key by key; a space file must replace the space, not add to it.
+        if isinstance(data, dict) and data.get("space_file"):
+            from roost.tune.space import dump, load_space
+
+            data = {**data, "space": dump(load_space(Path(data["space_file"])))}
+        return data
+
+    @model_validator(mode="after")
+    def _space(self) -> TuneSettings:
+        from roost.tune.space import validate_space
+
+        validate_space({k: v.model_dump() for k, v in self.space.items()}, "tune.space")
+        return self
+
+
 class Settings(BaseSettings):
     """The whole configuration tree."""
 
@@ -443,6 +511,7 @@ class Settings(BaseSettings):
     k8s: K8sSettings = K8sSettings()
     aws: AwsSettings = AwsSettings()
     bench: BenchSettings = BenchSettings()
+    tune: TuneSettings = TuneSettings()
 
     @model_validator(mode="after")
     def _mlflow_env(self) -> Settings:

@@ -48,6 +48,9 @@ class EpochStats:
     val_accuracy: float
     seconds: float
     improved: bool
+    # Macro-averaged F1 on the validation split (the tuning objective); NaN in checkpoints
+    # written before it existed.
+    val_macro_f1: float = float("nan")
 
 
 class TrainProgress(Protocol):
@@ -182,9 +185,12 @@ def _evaluate_loss(
     ids: Sequence[Sequence[int]],
     y: torch.Tensor,
     device: torch.device,
-) -> tuple[float, float]:
+    num_classes: int,
+) -> tuple[float, float, float]:
+    """(mean loss, accuracy, macro-F1) of ``module`` on an encoded split."""
     module.eval()
     total_loss, correct = 0.0, 0
+    predicted: list[torch.Tensor] = []
     with torch.inference_mode():
         for idx in _batches(len(ids), EVAL_BATCH, None):
             flat, offsets = tokenizer.encode_ids([ids[i] for i in idx])
@@ -192,8 +198,22 @@ def _evaluate_loss(
             target = y[idx].to(device)
             total_loss += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
             correct += int((logits.argmax(1) == target).sum())
+            predicted.append(logits.argmax(1).cpu())
     module.train()
-    return total_loss / max(len(ids), 1), correct / max(len(ids), 1)
+    n = max(len(ids), 1)
+    pred = torch.cat(predicted) if predicted else torch.zeros(0, dtype=torch.long)
+    return total_loss / n, correct / n, macro_f1(y, pred, num_classes)
+
+
+def macro_f1(y_true: torch.Tensor, y_pred: torch.Tensor, num_classes: int) -> float:
+    """Unweighted mean of the per-class F1 scores (a class never seen nor predicted: 0)."""
+    scores = []
+    for c in range(num_classes):
+        tp = int(((y_pred == c) & (y_true == c)).sum())
+        fp = int(((y_pred == c) & (y_true != c)).sum())
+        fn = int(((y_pred != c) & (y_true == c)).sum())
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(scores) / max(num_classes, 1)
 
 
 def fit(
@@ -285,7 +305,9 @@ def fit(
             total_loss += batch_loss * len(idx)
             correct += int((logits.detach().argmax(1) == target).sum())
             progress.batch_done(batch_loss)
-        val_loss, val_acc = _evaluate_loss(module, tokenizer, val_ids, y_val, device)
+        val_loss, val_acc, val_f1 = _evaluate_loss(
+            module, tokenizer, val_ids, y_val, device, len(splits.labels)
+        )
         improved = val_loss < state.best_val_loss
         if improved:
             state.best_val_loss, state.best_epoch, state.bad_epochs = val_loss, epoch, 0
@@ -300,6 +322,7 @@ def fit(
             val_accuracy=val_acc,
             seconds=time.perf_counter() - epoch_start,
             improved=improved,
+            val_macro_f1=val_f1,
         )
         state.history.append(stats)
         state.epoch = epoch
@@ -376,14 +399,28 @@ def _log_inputs(splits: data.Splits) -> None:
         mlflow.log_input(dataset, context=context)
 
 
-def run_training(settings: Settings, progress: TrainProgress | None = None) -> TrainOutcome:
-    """Load data, train, evaluate and record everything as one MLflow run."""
+def run_training(
+    settings: Settings,
+    progress: TrainProgress | None = None,
+    *,
+    splits: data.Splits | None = None,
+    run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    after_epoch: Callable[[EpochStats], None] | None = None,
+) -> TrainOutcome:
+    """Load data, train, evaluate and record everything as one MLflow run.
+
+    ``splits`` (already loaded), ``run_id`` (an existing run to log into), ``tags`` (added to
+    the run's, overriding them) and ``after_epoch`` (called after each epoch's metrics are
+    logged; an exception from it stops training and propagates) serve ``roost tune``.
+    """
     import mlflow
 
     from roost import pyfunc
 
     started = time.perf_counter()
-    splits = data.load_splits(settings.data)  # bad data fails before anything is logged
+    if splits is None:
+        splits = data.load_splits(settings.data)  # bad data fails before anything is logged
     uri = tracking.use(settings)
     checkpointer = (
         Checkpointer(settings.train.checkpoint_dir, fingerprint(settings, splits.source))
@@ -392,18 +429,18 @@ def run_training(settings: Settings, progress: TrainProgress | None = None) -> T
     )
     resume = checkpointer.load() if checkpointer else None
     experiment = mlflow.set_experiment(settings.tracking.experiment)
-    run_id = resume.get("run_id") if resume else None
+    run_id = (resume.get("run_id") if resume else None) or run_id
 
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else _run_name()) as run:
         run_id = run.info.run_id
         if resume is None:
             mlflow.log_params(_params(settings, splits))
-            tags = {"roost.kind": "train", "roost.data.source": splits.source}
+            run_tags = {"roost.kind": "train", "roost.data.source": splits.source}
             commit = proc.git_commit()
             if commit:
-                tags["mlflow.source.git.commit"] = commit
-                tags["roost.git_commit"] = commit
-            mlflow.set_tags(tags)
+                run_tags["mlflow.source.git.commit"] = commit
+                run_tags["roost.git_commit"] = commit
+            mlflow.set_tags({**run_tags, **(tags or {})})
             _log_inputs(splits)
 
         def on_epoch(stats: EpochStats, payload: dict[str, Any]) -> None:
@@ -413,12 +450,15 @@ def run_training(settings: Settings, progress: TrainProgress | None = None) -> T
                     "train_accuracy": stats.train_accuracy,
                     "val_loss": stats.val_loss,
                     "val_accuracy": stats.val_accuracy,
+                    "val_macro_f1": stats.val_macro_f1,
                     "epoch_seconds": stats.seconds,
                 },
                 step=stats.epoch,
             )
             if checkpointer is not None:
                 checkpointer.save({**payload, "run_id": run_id})
+            if after_epoch is not None:
+                after_epoch(stats)
 
         result = fit(splits, settings.model, settings.train, progress, resume, on_epoch)
         report = evaluate(result.classifier, splits.test)

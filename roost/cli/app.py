@@ -101,7 +101,7 @@ def _register() -> None:
     # errors); torch, mlflow, pandas, kserve, kubernetes, boto3, ... are imported inside the
     # command function that needs them (annotations: under TYPE_CHECKING).
     # tests/unit/test_cli_startup.py fails when a start imports one of them.
-    from roost.cli import bench, cluster, demo, registry, rollout, serve, tracking, train
+    from roost.cli import bench, cluster, demo, registry, rollout, serve, tracking, train, tune
 
     app.command("train")(train.train)
     app.command("promote")(registry.promote)
@@ -114,6 +114,8 @@ def _register() -> None:
     app.add_typer(cluster.aws_app, name="aws")
     app.command("deploy")(cluster.deploy)
     app.add_typer(bench.app, name="bench")
+    app.command("tune", epilog=tune.EPILOG)(tune.tune)
+    app.command("tune-worker", hidden=True)(tune.worker)
 
 
 _register()

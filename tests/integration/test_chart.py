@@ -403,7 +403,8 @@ def test_training_job_retries_resume_from_s3_checkpoints(docs) -> None:
 
 def test_training_hook_is_off_by_default(docs) -> None:
     assert not find(docs["default"], "Job", None) or all(
-        j["metadata"]["name"] == "roost-bucket" for j in find(docs["default"], "Job")
+        j["metadata"]["name"] in ("roost-bucket", "roost-tuning-db")
+        for j in find(docs["default"], "Job")
     )
     hooks = [
         j for j in find(docs["ci-kind"], "Job") if j["metadata"]["name"].startswith("roost-train")
