@@ -359,6 +359,17 @@ class BenchSettings(_Section):
     )
 
 
+class LineageSettings(_Section):
+    """`roost lineage` (owned by roost.lineage)."""
+
+    payload_store: str | None = Field(
+        None,
+        description="Directory of the monitor's Parquet payload store (hive-partitioned by "
+        "model and version), for `roost lineage --request-id`; unset: payload logging is "
+        "not configured.",
+    )
+
+
 class Settings(BaseSettings):
     """The whole configuration tree."""
 
@@ -380,6 +391,7 @@ class Settings(BaseSettings):
     k8s: K8sSettings = K8sSettings()
     aws: AwsSettings = AwsSettings()
     bench: BenchSettings = BenchSettings()
+    lineage: LineageSettings = LineageSettings()
 
     @model_validator(mode="after")
     def _mlflow_env(self) -> Settings:
