@@ -38,8 +38,9 @@ def _macro_f1(predictions: Any, targets: Any, metrics: Any = None) -> Any:
 
 def macro_f1_metric() -> Any:
     """``macro_f1`` as an MLflow ``EvaluationMetric`` (greater is better)."""
-    from mlflow.models import make_metric
+    from mlflow import models
 
+    make_metric: Any = models.make_metric  # untyped in MLflow
     return make_metric(eval_fn=_macro_f1, greater_is_better=True, name="macro_f1")
 
 
@@ -52,8 +53,9 @@ def thresholds(metric: str, champion_score: float | None, min_improvement: float
     champion scoring 0, where the relative form changes meaning) is a plain ``threshold``
     at champion + min_improvement. No champion: nothing to compare, no threshold.
     """
-    from mlflow.models import MetricThreshold
+    from mlflow import models
 
+    MetricThreshold: Any = models.MetricThreshold  # untyped in MLflow
     if champion_score is None:
         return {}
     name = MLFLOW_METRIC[metric]
@@ -74,8 +76,10 @@ def validate(
 ) -> tuple[bool, str]:
     """MLflow's verdict on two metric dicts (as ``EvaluationResult.metrics``)."""
     import mlflow
-    from mlflow.models import EvaluationResult
+    from mlflow import models
     from mlflow.models.evaluation.validation import ModelValidationFailedException
+
+    EvaluationResult: Any = models.EvaluationResult  # untyped in MLflow
 
     name = MLFLOW_METRIC[metric]
     champion_score = None if champion is None else champion[name]
@@ -123,7 +127,8 @@ def evaluate(
 
     def run_eval(predicted: list[str]) -> dict[str, float]:
         frame = pd.DataFrame({TARGET: truth, PREDICTION: predicted})
-        result = mlflow.models.evaluate(
+        evaluate_fn: Any = mlflow.models.evaluate  # untyped in MLflow
+        result = evaluate_fn(
             data=frame,
             targets=TARGET,
             predictions=PREDICTION,

@@ -10,7 +10,7 @@ names its Job (tag ``roost.k8s.job``); the Job's pods give the training image.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 from roost import k8s
 from roost.config import Settings
@@ -181,8 +181,11 @@ def list_isvcs(api: Any, namespace: str) -> list[dict[str, Any]]:
 
     what = f"InferenceServices in {namespace}"
     try:
-        found = client.CustomObjectsApi(api).list_namespaced_custom_object(
-            k8s.KSERVE_GROUP, k8s.KSERVE_VERSION, namespace, k8s.ISVC_PLURAL
+        found = cast(
+            dict[str, Any],
+            client.CustomObjectsApi(api).list_namespaced_custom_object(
+                k8s.KSERVE_GROUP, k8s.KSERVE_VERSION, namespace, k8s.ISVC_PLURAL
+            ),
         )
     except ApiException as exc:
         raise k8s._api_error(exc, what) from None
