@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 # evaluator's ``f1_score`` is macro-F1 only with three or more classes (binary data gets the
 # positive class's F1), so macro-F1 is an extra metric of its own, from scikit-learn.
 MLFLOW_METRIC = {"macro_f1": "macro_f1", "accuracy": "accuracy_score"}
-EVALUATOR_CONFIG = {"average": "macro"}
+# Explainability (SHAP) needs numeric labels and a model; the gate has text labels and
+# static predictions, so it is off rather than a warning on every promote.
+EVALUATOR_CONFIG: dict[str, Any] = {"average": "macro", "log_model_explainability": False}
 TARGET, PREDICTION = "label", "prediction"
 
 

@@ -72,6 +72,12 @@ def _score(value: float | None) -> str:
     return "none" if value is None else f"{value:.4f}"
 
 
+def _number(value: Any) -> str:
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else f"{value:.4f}"
+    return str(value)
+
+
 def render(doc: dict[str, Any]) -> Tree:
     """The lineage document as a rich tree (pure)."""
     v = doc["version"]
@@ -105,7 +111,7 @@ def render(doc: dict[str, Any]) -> Tree:
             _kv(node, "Kubernetes Job", run["k8s_job"]["name"])
         metrics = node.add("[bold]headline metrics[/]")
         for key, value in run["metrics"].items():
-            _kv(metrics, key, f"{value:.4f}" if isinstance(value, float) else value)
+            _kv(metrics, key, _number(value))
         if not run["metrics"]:
             metrics.add("[yellow]none recorded[/]")
         data = node.add("[bold]dataset inputs[/]")
@@ -130,16 +136,24 @@ def render(doc: dict[str, Any]) -> Tree:
         node.add(
             f"[bold {colour}]{escape(str(gate['decision']))}[/] {escape(gate['reason'] or '')}"
         )
-        champion = (
-            f"champion v{gate['champion_version']}" if gate["champion_version"] else "no champion"
+        against = (
+            f"champion v{gate['champion_version']} {_score(gate['champion_score'])}"
+            if gate["champion_version"]
+            else "no champion"
         )
         _kv(
             node,
             str(gate["metric"]),
-            f"candidate {_score(gate['candidate_score'])} vs {champion} "
-            f"{_score(gate['champion_score'])} (min improvement {gate['min_improvement']:g}, "
-            f"{gate['test_rows']} test rows, {gate['evaluated_at']})",
+            f"candidate {_score(gate['candidate_score'])} vs {against} "
+            f"(min improvement {gate['min_improvement']:g}, {gate['test_rows']} test rows, "
+            f"{gate['evaluated_at']})",
         )
+        if gate.get("evaluation_run"):
+            _kv(
+                node,
+                "MLflow evaluation",
+                f"run {gate['evaluation_run']}: {gate.get('validation') or 'no verdict recorded'}",
+            )
 
     node = root.add(f"[bold]rollouts[/] ({len(doc['rollouts'])})")
     if not doc["rollouts"]:

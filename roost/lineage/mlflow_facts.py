@@ -171,6 +171,7 @@ def gate(tags: dict[str, str], missing: list[str]) -> dict[str, Any] | None:
         "test_rows": int(found["test_rows"]) if found.get("test_rows", "").isdigit() else None,
         "evaluated_at": found.get("evaluated_at"),
         "evaluation_run": found.get("run_id"),
+        "validation": found.get("validation"),
     }
 
 
