@@ -25,7 +25,8 @@ import pytest
 from roost import proc, tracking
 from roost.config import load_settings
 
-pytestmark = pytest.mark.e2e
+# Two demo runs (train, gate, canary) and a browser: generous on a busy machine.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
