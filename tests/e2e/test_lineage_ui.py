@@ -40,7 +40,11 @@ def roost(state: Path, *args: str, timeout: float = 600) -> subprocess.Completed
     return subprocess.run(
         [sys.executable, "-m", "roost", "--state-dir", str(state), *args],
         capture_output=True, text=True, timeout=timeout, check=False,
-        env={**os.environ, "KUBECONFIG": str(state / "no-kubeconfig")},
+        env={
+            **os.environ,
+            "KUBECONFIG": str(state / "no-kubeconfig"),  # no cluster: lineage says so
+            "ROOST_TRACKING__STARTUP_TIMEOUT_S": "300",  # MLflow starts slowly on a busy machine
+        },
     )  # fmt: skip
 
 
