@@ -239,3 +239,30 @@ def test_descriptions_on_the_registry(settings: Settings, champion) -> None:  # 
     version = client.get_model_version(settings.registry.model_name, champion.version)
     assert "**Gate: passed**" in version.description
     assert f"/runs/{champion.outcome.run_id})" in version.description
+
+
+def test_request_id_starts_from_the_logged_request(  # type: ignore[no-untyped-def]
+    settings: Settings, rolled: str, tmp_path: Path
+) -> None:
+    import pandas as pd
+
+    part = tmp_path / "payloads" / f"model={ROLLED}" / f"version={rolled}" / "hour=2026120118"
+    part.mkdir(parents=True)
+    events = pd.DataFrame({"id": ["req-7", "req-8"], "type": ["request", "response"]})
+    events.to_parquet(part / "part-0.parquet", index=False)
+    code, out, err = cli(
+        "lineage", "--request-id", "req-7", "--json", settings=settings, state=tmp_path,
+        ROOST_LINEAGE__PAYLOAD_STORE=str(tmp_path / "payloads"), KUBECONFIG=str(tmp_path / "none"),
+    )  # fmt: skip
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["request"]["request_id"] == "req-7" and doc["request"]["version"] == rolled
+    assert doc["version"]["model"] == ROLLED and doc["version"]["version"] == rolled
+
+    code, out, err = cli(
+        "lineage", "--request-id", "req-7", settings=settings, state=tmp_path,
+        KUBECONFIG=str(tmp_path / "none"),
+    )  # fmt: skip
+    assert (
+        code == 2 and out == "" and err.strip().startswith("error: payload logging not configured")
+    )
