@@ -490,6 +490,17 @@ class TuneSettings(_Section):
         return self
 
 
+class LineageSettings(_Section):
+    """`roost lineage` (owned by roost.lineage)."""
+
+    payload_store: str | None = Field(
+        None,
+        description="Directory of the monitor's Parquet payload store (hive-partitioned by "
+        "model and version), for `roost lineage --request-id`; unset: payload logging is "
+        "not configured.",
+    )
+
+
 class Settings(BaseSettings):
     """The whole configuration tree."""
 
@@ -512,6 +523,7 @@ class Settings(BaseSettings):
     aws: AwsSettings = AwsSettings()
     bench: BenchSettings = BenchSettings()
     tune: TuneSettings = TuneSettings()
+    lineage: LineageSettings = LineageSettings()
 
     @model_validator(mode="after")
     def _mlflow_env(self) -> Settings:

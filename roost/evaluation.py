@@ -1,4 +1,9 @@
-"""Classification metrics and the confusion-matrix plot."""
+"""Classification metrics (scikit-learn's) and the confusion-matrix plot.
+
+Every number comes from ``sklearn.metrics``, the same functions MLflow's default
+classifier evaluator calls; this module only shapes them for roost's tags, metrics and
+reports. The gate's MLflow evaluation lives in :mod:`roost.registry`.
+"""
 
 from __future__ import annotations
 
@@ -55,7 +60,12 @@ class Report:
 def classification_report(
     y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str]
 ) -> Report:
-    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+    from sklearn.metrics import (
+        accuracy_score,
+        confusion_matrix,
+        f1_score,
+        precision_recall_fscore_support,
+    )
 
     labels = list(labels)
     precision, recall, f1, support = precision_recall_fscore_support(
@@ -64,7 +74,7 @@ def classification_report(
     return Report(
         labels=labels,
         accuracy=float(accuracy_score(y_true, y_pred)),
-        macro_f1=float(np.mean(f1)),
+        macro_f1=float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
         precision={lab: float(v) for lab, v in zip(labels, precision, strict=True)},
         recall={lab: float(v) for lab, v in zip(labels, recall, strict=True)},
         f1={lab: float(v) for lab, v in zip(labels, f1, strict=True)},

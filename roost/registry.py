@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from roost import data, evaluation, proc, tracking
+from roost import data, descriptions, evaluation, proc, tracking, validation
 from roost.config import Settings
 from roost.errors import AliasNotFound, NotFound, RoostError
 
@@ -196,16 +196,21 @@ class Registry:
                 raise NotFound(f"run {run_id} has no {TEST_SPLIT_ARTIFACT} artifact") from None
             return pd.read_parquet(path)
 
-    def evaluate(self, version: str, frame: pd.DataFrame) -> evaluation.Report:
-        """Score a registered version through ``mlflow.pyfunc``, exactly as users load it."""
+    def predict(self, version: str, frame: pd.DataFrame) -> list[str]:
+        """A version's labels for ``frame`` through ``mlflow.pyfunc``, as users load it."""
         import mlflow
 
         model = mlflow.pyfunc.load_model(self.model_uri(version))
         output = model.predict(pd.DataFrame({"text": frame[data.TEXT].tolist()}))
-        labels = sorted(set(frame[data.LABEL]) | set(output["label"]))
-        return evaluation.classification_report(
-            frame[data.LABEL].tolist(), output["label"].tolist(), labels
-        )
+        return [str(label) for label in output["label"].tolist()]
+
+    def evaluate(self, version: str, frame: pd.DataFrame) -> evaluation.Report:
+        """Score a registered version through ``mlflow.pyfunc``, exactly as users load it."""
+        return _report(frame[data.LABEL].tolist(), self.predict(version, frame))
+
+
+def _report(truth: list[str], predicted: list[str]) -> evaluation.Report:
+    return evaluation.classification_report(truth, predicted, sorted(set(truth) | set(predicted)))
 
 
 def _wait_ready(client: Any, name: str, version: str, timeout: float = 60.0) -> None:
@@ -261,8 +266,11 @@ def promote(
 
     champion = registry.version_for_alias(cfg.champion_alias)
     version = registry.register(model_uri, tags={"roost.source_run": run_id})
-    candidate_report = registry.evaluate(version, test)
-    champion_report = registry.evaluate(champion, test) if champion else None
+    truth = [str(label) for label in test[data.LABEL].tolist()]
+    candidate_labels = registry.predict(version, test)
+    champion_labels = registry.predict(champion, test) if champion else None
+    candidate_report = _report(truth, candidate_labels)
+    champion_report = _report(truth, champion_labels) if champion_labels is not None else None
     decision = decide(
         cfg.gate_metric,
         candidate_report.metric(cfg.gate_metric),
@@ -270,12 +278,24 @@ def promote(
         champion,
         cfg.min_improvement,
     )
+    # The same comparison through MLflow's evaluation and model validation (its own run).
+    checked = validation.evaluate(
+        settings.tracking.experiment, cfg.model_name, version, champion, truth,
+        candidate_labels, champion_labels, cfg.gate_metric, cfg.min_improvement,
+    )  # fmt: skip
+    if checked.passed != decision.passed:
+        raise RoostError(
+            f"gate: MLflow's validation ({checked.message}) disagrees with roost's rule "
+            f"({decision.reason}); version {version} keeps no alias"
+        )
     registry.set_tags(
         version,
         {
             **decision.tags(),
             f"{GATE_TAG}.test_rows": str(len(test)),
             f"{GATE_TAG}.evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            f"{GATE_TAG}.run_id": checked.run_id,
+            f"{GATE_TAG}.validation": checked.message[:4900],
         },
     )
     target = alias or cfg.champion_alias
@@ -287,6 +307,8 @@ def promote(
     else:
         registry.set_alias(cfg.candidate_alias, version)
         applied = cfg.candidate_alias
+    descriptions.ensure_model(registry.client, cfg)
+    descriptions.refresh_version(registry.client, cfg.model_name, version)
     log.info(
         "gate decision model=%s version=%s passed=%s alias=%s reason=%s",
         cfg.model_name, version, decision.passed, applied, decision.reason,

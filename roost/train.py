@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import logging
+import subprocess
 import tempfile
 import time
 import warnings
@@ -25,7 +26,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from roost import data, evaluation, proc, storage, tracking
+from roost import config, data, evaluation, proc, storage, tracking
 from roost.classifier import TextClassifier
 from roost.config import ModelSettings, Settings, TrainSettings
 from roost.errors import NotFound
@@ -369,6 +370,42 @@ def evaluate(classifier: TextClassifier, frame: pd.DataFrame) -> evaluation.Repo
     )
 
 
+def git_dirty() -> bool | None:
+    """Whether tracked files differ from the commit (None: not a git checkout).
+
+    ``ROOST_GIT_DIRTY`` (true/false) stands in where there is no checkout (images).
+    """
+    value = (config.environ("ROOST_GIT_DIRTY") or "").lower()
+    if value in ("true", "false"):
+        return value == "true"
+    if config.environ("ROOST_GIT_COMMIT"):
+        return None  # the commit came from outside: so must its state
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10, check=True,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip())
+
+
+def provenance_tags() -> dict[str, str]:
+    """Git commit and dirty flag, and the Kubernetes Job that ran training (if any)."""
+    tags: dict[str, str] = {}
+    commit = proc.git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["roost.git_commit"] = commit
+        dirty = git_dirty()
+        if dirty is not None:
+            tags["roost.git_dirty"] = "true" if dirty else "false"
+    job = config.environ("ROOST_JOB_NAME")  # set by the chart's Job template
+    if job:
+        tags["roost.k8s.job"] = job
+    return tags
+
+
 def _params(settings: Settings, splits: data.Splits) -> dict[str, Any]:
     params: dict[str, Any] = {}
     for section in ("data", "model", "train"):
@@ -436,11 +473,7 @@ def run_training(
         if resume is None:
             mlflow.log_params(_params(settings, splits))
             run_tags = {"roost.kind": "train", "roost.data.source": splits.source}
-            commit = proc.git_commit()
-            if commit:
-                run_tags["mlflow.source.git.commit"] = commit
-                run_tags["roost.git_commit"] = commit
-            mlflow.set_tags({**run_tags, **(tags or {})})
+            mlflow.set_tags({**run_tags, **provenance_tags(), **(tags or {})})
             _log_inputs(splits)
 
         def on_epoch(stats: EpochStats, payload: dict[str, Any]) -> None:

@@ -101,7 +101,18 @@ def _register() -> None:
     # errors); torch, mlflow, pandas, kserve, kubernetes, boto3, ... are imported inside the
     # command function that needs them (annotations: under TYPE_CHECKING).
     # tests/unit/test_cli_startup.py fails when a start imports one of them.
-    from roost.cli import bench, cluster, demo, registry, rollout, serve, tracking, train, tune
+    from roost.cli import (
+        bench,
+        cluster,
+        demo,
+        lineage,
+        registry,
+        rollout,
+        serve,
+        tracking,
+        train,
+        tune,
+    )
 
     app.command("train")(train.train)
     app.command("promote")(registry.promote)
@@ -116,6 +127,7 @@ def _register() -> None:
     app.add_typer(bench.app, name="bench")
     app.command("tune", epilog=tune.EPILOG)(tune.tune)
     app.command("tune-worker", hidden=True)(tune.worker)
+    app.command("lineage", epilog=lineage.EPILOG)(lineage.lineage)
 
 
 _register()

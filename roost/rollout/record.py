@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from roost import tracking
+from roost import descriptions, tracking
 from roost.config import Settings
 from roost.errors import TrackingUnavailable
 from roost.rollout import engine
@@ -109,6 +109,7 @@ class Recorder:
         reg = self.registry()
         tags = engine.version_tags(state)
         self._call(lambda: reg.set_tags(state.version, tags))
+        self._call(lambda: descriptions.refresh_version(reg.client, reg.name, state.version))
         if state.run_id:
             self._log_run(reg, state)
 
@@ -151,6 +152,7 @@ class Recorder:
         for old in {previous, state.champion} - {None, state.version}:
             assert old is not None
             self._call(lambda old=old: reg.set_tags(old, engine.superseded_tags(state)))  # type: ignore[misc]
+            self._call(lambda old=old: descriptions.refresh_version(reg.client, reg.name, old))  # type: ignore[misc]
         if self._call(lambda: reg.version_for_alias(cfg.challenger_alias)) == state.version:
             self._call(lambda: reg.delete_alias(cfg.challenger_alias))
         log.info("promoted model=%s version=%s previous=%s", state.model, state.version, previous)

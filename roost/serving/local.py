@@ -7,12 +7,15 @@ through this one function, with the entry point a pod runs: ``roost serve`` (her
 
 from __future__ import annotations
 
+import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from roost import proc
 from roost.config import Settings
+
+SERVERS_DIR = "servers"  # under state_dir; read by roost.lineage.local
 
 
 @dataclass
@@ -22,6 +25,7 @@ class LocalServer:
     http_port: int
     grpc_port: int
     host: str = "127.0.0.1"
+    record: Path | None = field(default=None, repr=False)
 
     @property
     def http_url(self) -> str:
@@ -41,6 +45,8 @@ class LocalServer:
 
     def stop(self) -> None:
         self.process.stop()
+        if self.record is not None:
+            self.record.unlink(missing_ok=True)
 
 
 def start(
@@ -75,4 +81,30 @@ def start(
         child_env["MLFLOW_TRACKING_URI"] = tracking_uri
     child_env.update(env or {})
     process = proc.start_background(argv, log_file, env=child_env)
-    return LocalServer(process, name, http_port, grpc_port)
+    record = _record(settings, process.pid, name, model_uri, http_port, grpc_port, log_file)
+    return LocalServer(process, name, http_port, grpc_port, record=record)
+
+
+def _record(
+    settings: Settings,
+    pid: int,
+    name: str,
+    model_uri: str,
+    http_port: int,
+    grpc_port: int,
+    log_file: Path,
+) -> Path:
+    """``state_dir/servers/<pid>.json``: what `roost lineage` finds local servers by."""
+    directory = settings.state_dir.resolve() / SERVERS_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{pid}.json"
+    document = {
+        "pid": pid,
+        "name": name,
+        "model_uri": model_uri,
+        "http_url": f"http://127.0.0.1:{http_port}",
+        "grpc_target": f"127.0.0.1:{grpc_port}",
+        "log_file": str(log_file),
+    }
+    path.write_text(json.dumps(document, indent=2))
+    return path

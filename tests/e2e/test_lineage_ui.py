@@ -1,0 +1,168 @@
+"""After two demo runs: `roost lineage` on the result, and the MLflow UI in a real browser.
+
+The browser is Debian's ``chromium`` (``make apt-deps``), headless, driven by playwright's
+Python package with ``executable_path`` (playwright never downloads a browser here). It
+opens the embedded MLflow UI the demo left running, the model version page and the
+training run page, and checks what an MLflow user reads there: the description roost
+writes, the aliases, the gate and rollout tags, and the confusion-matrix artifact.
+Screenshots go to the test's directory, or to ``ROOST_SCREENSHOT_DIR`` when set (that is
+how docs/img/ was made).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from roost import proc, tracking
+from roost.config import load_settings
+
+# Two demo runs (train, gate, canary) and a browser: generous on a busy machine.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]  # fmt: skip
+UI_TIMEOUT_MS = 60_000
+
+
+def roost(state: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "roost", "--state-dir", str(state), *args],
+        capture_output=True, text=True, timeout=timeout, check=False,
+        env={
+            **os.environ,
+            "KUBECONFIG": str(state / "no-kubeconfig"),  # no cluster: lineage says so
+            "ROOST_TRACKING__STARTUP_TIMEOUT_S": "300",  # MLflow starts slowly on a busy machine
+        },
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DemoStore:
+    state: Path
+    ui: str
+    second: dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def demo_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoStore]:
+    """Two demo runs on one store; the second leaves MLflow and its servers running."""
+    state = tmp_path_factory.mktemp("lineage-demo") / "state"
+    settings = load_settings(None, {"state_dir": state})
+    try:
+        for extra in ([], ["--keep-running"]):
+            result = roost(state, "demo", "--json", "--max-rows", "6000", "--epochs", "4", *extra)
+            assert result.returncode == 0, result.stderr[-3000:]
+        second = json.loads(result.stdout)
+        yield DemoStore(state, second["mlflow_ui"], second)
+    finally:
+        from roost.rollout.backends.local import LocalBackend
+
+        LocalBackend(settings).shutdown()  # nginx and the canary's servers
+        for record in (state / "servers").glob("*.json"):  # the demo's own server
+            proc.stop_pid(int(json.loads(record.read_text())["pid"]))
+        tracking.down(settings)
+
+
+def test_lineage_after_the_demo(demo_store: DemoStore) -> None:
+    result = roost(demo_store.state, "lineage", "sentiment@champion", "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    doc = json.loads(result.stdout)
+    assert doc["version"]["version"] == "2" and "champion" in doc["version"]["aliases"]
+    assert doc["gate"]["decision"] == "passed" and doc["gate"]["champion_version"] == "1"
+    (rollout,) = doc["rollouts"]
+    assert rollout["outcome"] == "promoted" and rollout["champion"] == "1"
+    assert [s["weight"] for s in rollout["steps"]] == [10, 25, 50, 100]
+    assert doc["images"]["note"] == "no cluster configured"
+    local = doc["serving"]["local"]
+    assert local and all(s["pid"] and s["url"].startswith("http://127.0.0.1:") for s in local)
+    assert any(s["via"] == "direct" and s["percent"] == 100 for s in local)  # the demo's server
+
+    first = roost(demo_store.state, "lineage", "sentiment/1", "--json")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert json.loads(first.stdout)["version"]["superseded_by"] == "2"
+
+    tree = roost(demo_store.state, "lineage", "sentiment@champion")
+    assert tree.returncode == 0 and tree.stdout == ""
+    for text in ("sentiment v2", "training run", "dataset inputs", "gate", "promoted",
+                 "no cluster configured", "tuning study"):  # fmt: skip
+        assert text in tree.stderr, text
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Any]:
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} is missing: run `make apt-deps` (Debian's chromium)")
+    from playwright.sync_api import sync_playwright
+
+    profile = tmp_path / "chromium-profile"  # a fresh profile every time
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(profile),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_FLAGS,
+            viewport={"width": 1400, "height": 1000},
+        )
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+def _shots(tmp_path: Path) -> Path:
+    out = Path(os.environ.get("ROOST_SCREENSHOT_DIR") or tmp_path)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def test_mlflow_ui_shows_description_aliases_tags_and_confusion_matrix(
+    demo_store: DemoStore, browser: Any, tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=UI_TIMEOUT_MS)  # the UI loads slowly on a busy machine
+    shots = _shots(tmp_path)
+    page = browser.new_page()
+    page.set_default_timeout(UI_TIMEOUT_MS)
+
+    page.goto(f"{demo_store.ui}/#/models/sentiment/versions/2")
+    # The description roost wrote, rendered as Markdown.
+    expect(page.get_by_text("Gate: passed").first).to_be_visible()
+    expect(page.get_by_text("Rollout: promoted").first).to_be_visible()
+    # The alias, and the gate and rollout tags in the version's tag table.
+    expect(page.get_by_role("status", name="champion")).to_be_visible()  # "@ champion"
+    for tag in ("roost.gate.decision", "roost.gate.candidate_score", "roost.rollout"):
+        expect(page.get_by_text(tag, exact=True).first).to_be_visible()
+    assistant = page.get_by_role("button", name="Close")  # MLflow 3's assistant panel: cosmetic
+    if assistant.count():
+        assistant.first.click()
+    page.screenshot(path=str(shots / "mlflow-model-version.png"))
+
+    # The description's link line leads to the training run.
+    run_id = demo_store.second["run_id"]
+    page.locator(f"a[href*='/runs/{run_id}']").first.click()
+    page.wait_for_url(f"**/runs/{run_id}**")
+    expect(page.get_by_text("test_macro_f1").first).to_be_visible()
+    expect(page.get_by_text("roost.git_dirty").first).to_be_visible()
+    page.screenshot(path=str(shots / "mlflow-training-run.png"))
+
+    page.get_by_role("tab", name="Artifacts").or_(
+        page.get_by_text("Artifacts", exact=True)
+    ).first.click()
+    page.get_by_text("confusion_matrix.png", exact=True).first.click()
+    image = page.locator("img[src^='blob:']").first
+    expect(image).to_be_visible()
+    assert image.evaluate("img => img.naturalWidth") > 100  # the PNG decoded, not a broken icon
+    page.screenshot(path=str(shots / "mlflow-confusion-matrix.png"))
