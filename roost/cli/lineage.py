@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 from rich.tree import Tree
 
+from roost.cli.context import state
 from roost.cli.output import JsonFlag, console, emit_json
 
 EPILOG = (
@@ -35,7 +36,6 @@ def lineage(
 ) -> None:
     """Show where a model version came from and where it runs: data, run, gate, rollouts."""
     from roost import lineage as core
-    from roost.cli.app import state  # here, not at the top: cli.app imports this module
     from roost.errors import ConfigError
 
     settings = state(ctx).settings()
