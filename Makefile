@@ -79,13 +79,20 @@ $(CHECKOV):
 	$(CHECKOV_VENV)/bin/pip install -q "checkov==$(CHECKOV_VERSION)"
 
 .PHONY: apt-deps
-apt-deps: ## Install Debian packages the tests use (nginx for the local canary proxy).
+apt-deps: ## Install Debian packages the tests use (nginx: canary proxy; prometheus: monitor rules).
 	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo ">> apt-get install nginx-light"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx-light >/dev/null; \
 	  else \
 	    echo "nginx is missing: run 'sudo apt-get install nginx-light' (Debian/Ubuntu)"; exit 1; \
+	  fi; }
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo ">> apt-get install prometheus (promtool: the monitor's alert rule tests)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else \
+	    echo "promtool is missing: run 'sudo apt-get install prometheus' (Debian/Ubuntu)"; exit 1; \
 	  fi; }
 
 .PHONY: lint

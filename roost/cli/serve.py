@@ -49,6 +49,18 @@ def serve(
         float | None,
         typer.Option(help="Batch fill wait under load (default: 2).", show_default=False),
     ] = None,
+    log_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Send each inference as CloudEvents (KServe's logger format) to this URL, "
+            "e.g. `roost monitor serve`'s (default: off).",
+            show_default=False,
+        ),
+    ] = None,
+    log_sample_rate: Annotated[
+        float | None,
+        typer.Option(help="Fraction of inferences logged (default: 1.0).", show_default=False),
+    ] = None,
 ) -> None:
     """Serve the model with KServe: REST v1 + v2 (Open Inference Protocol), gRPC v2, /metrics."""
     settings = state(ctx).settings(
@@ -61,6 +73,8 @@ def serve(
             "serving.max_body_bytes": max_body_bytes,
             "serving.max_batch_size": max_batch_size,
             "serving.max_batch_wait_ms": max_batch_wait_ms,
+            "serving.logging.url": log_url,
+            "serving.logging.sample_rate": log_sample_rate,
         }
     )
     from roost.serving.server import serve as run_server

@@ -25,6 +25,8 @@ OPTIONS: tuple[tuple[str, str, type, str], ...] = (
     ("--max-body-bytes", "serving.max_body_bytes", int, "request body limit"),
     ("--max-batch-size", "serving.max_batch_size", int, "texts per forward pass"),
     ("--max-batch-wait-ms", "serving.max_batch_wait_ms", float, "batch fill wait"),
+    ("--log-url", "serving.logging.url", str, "payload events to this URL (roost.monitor)"),
+    ("--log-sample-rate", "serving.logging.sample_rate", float, "fraction of inferences logged"),
 )
 
 

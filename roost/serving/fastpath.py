@@ -32,6 +32,7 @@ from kserve.metrics import POST_HIST_TIME, PRE_HIST_TIME, PREDICT_HIST_TIME, get
 from kserve.protocol.grpc.servicer import InferenceServicer
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from roost.monitor import events
 from roost.serving import codec, metrics
 from roost.serving.server import replay_body
 
@@ -44,6 +45,7 @@ JSON_TYPES = frozenset({b"application/json", b"application/json; charset=utf-8"}
 # Bodies up to this size: uvicorn buffers them without pausing the socket (its high-water
 # mark is 64 KiB); larger ones, rare for texts, take KServe's path.
 SMALL_BODY = 60_000
+EVENT_ID_HEADER = events.EVENT_ID_HEADER.encode()
 
 
 class _Meters:
@@ -104,6 +106,7 @@ class FastPath:
             f"/v1/models/{model.name}:predict": codec.Protocol.REST_V1,
         }
         self.meters = {p: _Meters(model, p) for p in self.routes.values()}
+        self.payload = model.payload  # roost.monitor's payload logger (None: logging off)
         self.headers = [(b"content-type", b"application/json")] + [
             (k.encode(), v.encode()) for k, v in model.response_headers().items()
         ]
@@ -135,9 +138,20 @@ class FastPath:
         except orjson.JSONDecodeError:
             return None
         if protocol is codec.Protocol.REST_V2:
-            return codec.plain_v2(payload)
-        texts = codec.plain_v1(payload)
-        return None if texts is None else (texts, "")
+            plain = codec.plain_v2(payload)
+        else:
+            texts = codec.plain_v1(payload)
+            plain = None if texts is None else (texts, "")
+        if plain is not None and self.payload is not None:  # the id its events will carry
+            plain = (plain[0], self.payload.event_id(plain[1]))
+        return plain
+
+    def log(self, event_id: str, request: bytes, response: bytes) -> list[tuple[bytes, bytes]]:
+        """Queue the payload events (when logging is on); the response headers that name them."""
+        if self.payload is None:
+            return []
+        self.payload.log(event_id, request, response)
+        return [(EVENT_ID_HEADER, event_id.encode())]
 
     def encode(self, protocol: codec.Protocol, request_id: str, proba: np.ndarray) -> bytes:
         model = self.model
@@ -224,7 +238,8 @@ def http_protocol(fast: FastPath) -> type[Any] | None:
                 super()._start_asgi_task(cycle, app)
                 return
             head = [status_200]
-            for name, value in (*cycle.default_headers, *fast.headers):
+            logged = fast.log(request_id, bytes(cycle.body), body)
+            for name, value in (*cycle.default_headers, *fast.headers, *logged):
                 head += [name, b": ", value, b"\r\n"]
             head.append(b"content-length: %d\r\n" % len(body))
             if not cycle.keep_alive:
@@ -283,7 +298,8 @@ class FastASGI:
             return False
         predicted = time.perf_counter()
         out = fast.encode(protocol, request_id, proba)
-        headers = [*fast.headers, (b"content-length", b"%d" % len(out))]
+        logged = fast.log(request_id, body, out)
+        headers = [*fast.headers, *logged, (b"content-length", b"%d" % len(out))]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": out})
         fast.meters[protocol].record(start, ready, predicted, time.perf_counter())
@@ -322,8 +338,14 @@ class FastServicer(InferenceServicer):  # type: ignore[misc]
         except Exception:  # KServe's path reruns it and renders the error
             return await super().ModelInfer(request, context)
         predicted = time.perf_counter()
+        payload = model.payload
+        event_id = request.id if payload is None else payload.event_id(request.id)
+        names = model.names(proba)
         response = codec.grpc_response(
-            model.name, model.version, request.id, model.labels, model.names(proba), proba
+            model.name, model.version, event_id, model.labels, names, proba
         )
+        if payload is not None:  # roost.monitor: log it, and name the events in the metadata
+            await context.send_initial_metadata(((events.EVENT_ID_HEADER, event_id),))
+            payload.log_grpc(event_id, texts, model, names, proba)
         self.meters.record(start, decoded, predicted, time.perf_counter())
         return response

@@ -1,0 +1,8 @@
+"""Watching the served model: payload events, the receiver, drift statistics, the watch loop.
+
+- :mod:`roost.monitor.events`: KServe's InferenceLogger wire format (CloudEvents over HTTP);
+- :mod:`roost.monitor.payload`: the predictor's logger (bounded queue, background sender);
+- :mod:`roost.monitor.receiver` + :mod:`roost.monitor.journal`: ``roost monitor serve``,
+  a durable store of events and feedback (fsync'd journal -> Parquet);
+- :mod:`roost.monitor.local`: ``roost monitor up|down`` (the receiver in the background).
+"""
