@@ -641,7 +641,8 @@ def test_deploy_log_flags_render_a_valid_logger(docs) -> None:
     from roost.monitor.deploy import with_logger
 
     tools.schema_dir()
-    (template,) = [i for i in with_embedded(docs["kind"]) if i["kind"] == "InferenceService"]
+    (template,) = [i for i in with_embedded(docs["default"]) if i["kind"] == "InferenceService"]
+    assert "logger" not in template["spec"]["predictor"]
     manifest = with_logger(template, "http://receiver.roost.svc:8090/", "response")
     assert manifest["spec"]["predictor"]["logger"] == {
         "url": "http://receiver.roost.svc:8090/", "mode": "response"
@@ -649,9 +650,9 @@ def test_deploy_log_flags_render_a_valid_logger(docs) -> None:
     assert not tools.crd_errors(manifest)
 
 
-def test_crd_validation_catches_a_bad_logger_mode(docs) -> None:
+def test_crd_validation_catches_a_bad_logger_mode() -> None:
     tools.schema_dir()
-    (isvc,) = find(docs["ci-eks"], "InferenceService")
+    (isvc,) = find(documents(render(values_of(VALUE_SETS["ci-eks"]))), "InferenceService")
     assert not tools.crd_errors(isvc)
     isvc["spec"]["predictor"]["logger"]["mode"] = "everything"
     assert any("everything" in e or "mode" in e for e in tools.crd_errors(isvc))
