@@ -194,6 +194,7 @@ class Bench:
                       workers=p.ts_workers[-1]),
         )  # fmt: skip
         servers = self.roost(model, name, version, texts, expected)
+        servers += self.roost_logging(model, name, version, texts, expected)  # logging's cost
         ts_servers, sweep = self.torchserve(export, texts, expected)
         servers += ts_servers
         self.raw_forward_again(raw)
@@ -347,6 +348,60 @@ class Bench:
         finally:
             if server is not None:
                 server.stop()
+
+    def roost_logging(
+        self,
+        model: registry.LocalModel,
+        name: str,
+        version: str,
+        texts: list[str],
+        expected: workload.Expected,
+    ) -> list[ServerResult]:
+        """rest-v2 again with payload logging on (sample rate 1.0) to a local receiver.
+
+        Same run, same ladder as the plain rest-v2 row, so the two rows give the cost of
+        logging. The receiver shares this machine's CPUs (in a cluster it runs elsewhere).
+        """
+        import sys
+
+        logs = self.work / "logs"
+        port = proc.free_port()
+        receiver = proc.start_background(
+            [sys.executable, "-m", "roost", "monitor", "serve", "--port", str(port),
+             "--store", str(self.work / "monitor-store")], logs / "receiver.log",
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            proc.wait_http(url + "/healthz", 60, receiver, what="monitor receiver")
+            env = {"ROOST_SERVING__LOGGING__URL": url, "ROOST_SERVING__LOGGING__SAMPLE_RATE": "1"}
+            server, seconds = self._start_roost(
+                str(model.path), name, logs / "roost-logging.log", env, ["--model-version", version]
+            )
+            logging_cfg = self.settings.serving.logging
+            result = ServerResult(
+                "roost+payload-logging", "rest-v2", 1, seconds, [seconds],
+                {"payload_logging": {"sample_rate": 1.0, "format": logging_cfg.format,
+                                     "batch_size": logging_cfg.batch_size,
+                                     "receiver": "roost monitor serve, same machine"}},
+            )  # fmt: skip
+            try:
+                self.load(
+                    Target(
+                        result, server.process.pid, len(texts),
+                        lambda: loadgen.HttpSender(
+                            "127.0.0.1", server.http_port, f"/v2/models/{name}/infer",
+                            workload.v2_bodies(texts), workload.check_v2(expected, 1,
+                                                                         len(texts)),
+                            self.cfg.connections,
+                        ),
+                    )
+                )  # fmt: skip
+                result.config["events_dropped"] = _dropped_events(server.http_url)
+            finally:
+                server.stop()
+        finally:
+            receiver.stop()
+        return [result]
 
     def _start_roost(
         self,
@@ -504,6 +559,21 @@ class Bench:
             await asyncio.sleep(0.5 if step.passed else 1.5)  # let a backlog drain
 
 
+def _dropped_events(url: str) -> float | None:
+    """``roost_payload_events_dropped_total`` of a server (all reasons), from its /metrics."""
+    import httpx
+
+    try:
+        text = httpx.get(url + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return None
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("roost_payload_events_dropped_total{")
+    )
+
+
 # -- context --------------------------------------------------------------------------------
 def machine(load_before: tuple[float, float, float], client_nice: int) -> dict[str, Any]:
     cpu_model = ""
@@ -584,6 +654,10 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
             "target": 0.7,
             "met": single >= 0.7,
         }
+    logged = find("roost+payload-logging", "rest-v2")
+    if roost_rest and logged and roost_rest["max_rps_p99_50ms"] > 0:
+        kept = logged["max_rps_p99_50ms"] / roost_rest["max_rps_p99_50ms"]
+        out["payload_logging_kept"] = {"value": round(kept, 3), "target": 0.9, "met": kept >= 0.9}
     if roost_rest:
         cold = roost_rest["cold_start_s"]
         out["cold_start"] = {"value": cold, "target": 2.0, "met": cold <= 2.0}
