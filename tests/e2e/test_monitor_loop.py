@@ -129,19 +129,24 @@ def test_drift_is_detected_and_retraining_lands_a_challenger(
     states = StateFile(receiver.store / "watch", MODEL)
     watcher = start_watcher(env, tmp_path / "watch-1.log")
     try:
-        # 1. like the test split: windows pass, no trigger
+        # 1. like the test split: the watcher judges full windows, they pass, no trigger
+        proc.wait_until(lambda: states.load().owner, 120, 0.2, what="the watcher to start",
+                        describe=lambda: watcher.log_tail(5))  # fmt: skip
         normal = Sender(url, test["text"].tolist())
         normal.start()
         try:
-            proc.wait_until(
-                lambda: _closed_full_windows(monitored, receiver, judged) >= 2,
-                90, 0.5, what="two full windows of test-split traffic",
+            full = proc.wait_until(
+                lambda: (ends := _full_windows(monitored, receiver, judged))[1:]
+                and (states.load().last_window_end or "") >= ends[1] and ends,
+                120, 0.5, what="the watcher to judge two full windows of test-split traffic",
+                describe=lambda: watcher.log_tail(5),
             )  # fmt: skip
         finally:
             normal.finish()
         assert normal.errors == 0
         calm = states.load()
-        assert calm.pending is None and not calm.history, calm
+        assert calm.pending is None and not calm.history and calm.consecutive == 0, calm
+        assert calm.last_window_end is not None and calm.last_window_end >= full[1]
         # 2. shifted: one class, three texts joined into one
         positive = test[test["label"] == "positive"]["text"].tolist()
         shifted = [" ".join(positive[i : i + 3]) for i in range(0, len(positive) - 2, 3)]
@@ -200,7 +205,8 @@ def test_drift_is_detected_and_retraining_lands_a_challenger(
     print(f"\nmonitor loop timings: {timings}")
 
 
-def _closed_full_windows(settings: Settings, receiver: Receiver, version: str) -> int:
+def _full_windows(settings: Settings, receiver: Receiver, version: str) -> list[str]:
+    """Ends of the closed windows with at least MIN_EVENTS texts; each must pass."""
     import datetime as dt
 
     receiver.flush()
@@ -212,7 +218,7 @@ def _closed_full_windows(settings: Settings, receiver: Receiver, version: str) -
     )  # fmt: skip
     full = [w for w in report.windows if w.closed and w.events >= MIN_EVENTS]
     assert all(w.verdict == "ok" for w in full), [w.to_dict() for w in full]
-    return len(full)
+    return [w.end for w in full]
 
 
 def _send_feedback(
