@@ -226,3 +226,35 @@ def test_model_server_logs_rest_and_grpc_inferences(
             assert row["texts"] == ids[row["id"]]
         else:
             assert len(row["labels"]) == len(row["confidences"]) == len(ids[row["id"]])
+
+
+def test_a_dead_receiver_never_fails_inference(
+    settings: Settings,
+    champion,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    """Nothing listens at the log URL: every inference still answers; the drops are counted."""
+    env = {"ROOST_SERVING__LOGGING__URL": f"http://127.0.0.1:{proc.free_port()}/",
+           "ROOST_SERVING__LOGGING__MAX_RETRIES": "1",
+           "ROOST_SERVING__LOGGING__BACKOFF_S": "0.05",
+           "ROOST_SERVING__LOGGING__QUEUE_SIZE": "40"}  # fmt: skip
+    servers = serve_champion(settings, tmp_path / "server.log", env=env)
+    server = next(servers)
+    try:
+        with httpx.Client(base_url=server.http_url, timeout=30) as c:
+            for _ in range(100):
+                r = c.post("/v2/models/sentiment/infer", json=V2)
+                assert r.status_code == 200 and r.headers[events.EVENT_ID_HEADER]
+
+            def dropped() -> dict[str, float] | None:
+                out: dict[str, float] = {}
+                for line in c.get("/metrics").text.splitlines():
+                    if line.startswith("roost_payload_events_dropped_total{"):
+                        reason = line.split('reason="')[1].split('"')[0]
+                        out[reason] = float(line.rsplit(" ", 1)[1])
+                return out if sum(out.values()) >= 200 - 40 else None
+
+            counts = proc.wait_until(dropped, 60, 0.2, what="the drops to be counted")
+        assert counts.get("retries_exhausted", 0) > 0, counts
+    finally:
+        servers.close()

@@ -1,0 +1,113 @@
+"""`roost monitor up|down|feedback|report` as a user runs them (subprocesses, real servers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from roost import registry
+from roost.config import Settings
+from roost.monitor import events
+
+pytestmark = pytest.mark.integration
+
+
+def roost(settings: Settings, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": str(settings.tracking.uri)}
+    return subprocess.run(
+        [sys.executable, "-m", "roost", "--state-dir", str(settings.state_dir), *args],
+        capture_output=True, text=True, timeout=timeout, check=False, env=env,
+    )  # fmt: skip
+
+
+def pair(event_id: str, texts: list[str], labels: list[str], version: str) -> list[dict[str, Any]]:
+    """A request and its response as structured CloudEvents (as KServe's agent would log)."""
+    base = {"specversion": "1.0", "id": event_id, "source": "/test",
+            "inferenceservicename": "sentiment"}  # fmt: skip
+    request = {"inputs": [{"name": "text", "shape": [len(texts)], "datatype": "BYTES",
+                           "data": texts}]}  # fmt: skip
+    response = {"model_name": "sentiment", "model_version": version, "id": event_id,
+                "outputs": [{"name": "label", "shape": [len(labels)], "datatype": "BYTES",
+                             "data": labels},
+                            {"name": "confidence", "shape": [len(labels)], "datatype": "FP32",
+                             "data": [0.9] * len(labels)}]}  # fmt: skip
+    return [
+        {**base, "type": events.REQUEST_TYPE, "data": request},
+        {**base, "type": events.RESPONSE_TYPE, "data": response},
+    ]
+
+
+def test_up_feedback_report_down(settings: Settings, champion: Any, tmp_path: Path) -> None:
+    up = roost(settings, "monitor", "up", "--json")
+    assert up.returncode == 0, up.stderr
+    receiver = json.loads(up.stdout)
+    try:
+        assert httpx.get(receiver["url"] + "/healthz", timeout=10).status_code == 200
+        again = roost(settings, "monitor", "up", "--json")  # reuses the running one
+        assert json.loads(again.stdout)["pid"] == receiver["pid"]
+        # 60 one-class, three-texts-long inferences: a one-sided window
+        batch = []
+        for i in range(60):
+            text = "the delayed flight and the rude crew and the lost bags " * 3
+            batch += pair(f"cli-{i}", [text], ["negative"], champion.version)
+        r = httpx.post(receiver["url"], content=orjson.dumps(batch),
+                       headers={"content-type": events.BATCH_CONTENT}, timeout=30)  # fmt: skip
+        assert r.json() == {"stored": 120, "duplicates": 0}
+        labels = tmp_path / "labels.csv"
+        labels.write_text("id,label\n" + "".join(f"cli-{i},negative\n" for i in range(60)))
+        fed = roost(settings, "monitor", "feedback", str(labels), "--json")
+        assert fed.returncode == 0, fed.stderr
+        assert json.loads(fed.stdout)["stored"] == 60
+        bad = tmp_path / "bad.csv"
+        bad.write_text("event,label\nx,positive\n")
+        refused = roost(settings, "monitor", "feedback", str(bad))
+        assert refused.returncode == 2 and "column 'id' missing" in refused.stderr
+        assert refused.stderr.count("error:") == 1
+
+        report = roost(settings, "monitor", "report", "--version", champion.version,
+                       "--since", "10m", "--window", "10m", "--json")  # fmt: skip
+        assert report.returncode == 0, report.stderr
+        doc = json.loads(report.stdout)
+        windows = [w for w in doc["windows"] if w["events"]]
+        assert len(windows) == 1 and windows[0]["events"] == 60
+        window = windows[0]
+        assert window["verdict"] == "breach"
+        assert window["statistics"]["js_distance"]["status"] == "breach"
+        assert window["statistics"]["length_psi"]["status"] == "breach"
+        assert window["live"]["labels"] == 60 and window["live"]["accuracy"] == 1.0
+        assert doc["mlflow_run_id"]
+        reg = registry.Registry(str(settings.tracking.uri), "sentiment")
+        tags = reg.get_version(champion.version).tags
+        assert tags["roost.monitor.last_report_run"] == doc["mlflow_run_id"]
+        metrics = httpx.get(receiver["url"] + "/metrics", timeout=10).text
+        series = f'model="sentiment",statistic="js_distance",version="{champion.version}"'
+        assert f"roost_drift_breached{{{series}}} 1.0" in metrics
+
+        few = roost(settings, "monitor", "report", "--version", champion.version, "--since",
+                    "10m", "--window", "1m", "--no-log", "--json")  # fmt: skip
+        assert few.returncode == 0, few.stderr
+        assert all(w["verdict"] == "insufficient" or w["events"] >= 50
+                   for w in json.loads(few.stdout)["windows"])  # fmt: skip
+        table = roost(settings, "monitor", "report", "--version", champion.version, "--since",
+                      "10m", "--window", "10m", "--no-log")  # fmt: skip
+        assert table.returncode == 0 and "breach" in table.stderr and not table.stdout
+    finally:
+        down = roost(settings, "monitor", "down", "--json")
+    assert json.loads(down.stdout) == {"stopped": True, "pid": receiver["pid"]}
+
+
+def test_bad_durations_and_no_receiver(settings: Settings, tmp_path: Path) -> None:
+    r = roost(settings, "monitor", "report", "--since", "soon")
+    assert r.returncode == 2 and "--since" in r.stderr
+    labels = tmp_path / "l.csv"
+    labels.write_text("id,label\na,positive\n")
+    r = roost(settings, "--state-dir", str(tmp_path), "monitor", "feedback", str(labels))
+    assert r.returncode == 4 and "no monitor receiver" in r.stderr
