@@ -410,11 +410,12 @@ def log_to_mlflow(tracking_uri: str, experiment: str, report: Report, kind: str 
 
 
 def push_gauges(url: str, report: Report, timeout: float = 10.0) -> bool:
-    """Publish the last closed window on the receiver's /metrics; False if it is unreachable."""
+    """Publish the last closed window with traffic as gauges; False if the receiver is down."""
     import httpx
 
     doc = report.as_dict()
-    doc["windows"] = [w for w in doc["windows"] if w["closed"]]
+    closed = [w for w in doc["windows"] if w["closed"]]
+    doc["windows"] = [w for w in closed if w["events"]] or closed  # the last one with traffic
     try:
         response = httpx.put(url.rstrip("/") + "/v1/drift", json=doc, timeout=timeout)
     except httpx.HTTPError:
