@@ -121,9 +121,10 @@ class PayloadLoggingSettings(_Section):
         "all", description="Which events to send (KServe's logger modes)."
     )
     format: Literal["binary", "batch"] = Field(
-        "binary",
-        description="binary: one POST per event, KServe's format; batch: "
-        "application/cloudevents-batch+json, one POST per batch (roost's receiver).",
+        "batch",
+        description="batch: application/cloudevents-batch+json, one POST per batch (roost's "
+        "receiver; keeps up with inference rates); binary: one POST per event, exactly what "
+        "KServe's logger agent sends (any CloudEvents receiver).",
     )
     queue_size: int = Field(
         10_000, gt=0, description="Events held for sending at most; more are dropped (counted)."

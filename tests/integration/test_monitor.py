@@ -171,6 +171,7 @@ def logging_server(
     tmp_path: Path,  # type: ignore[no-untyped-def]
 ) -> Iterator[LocalServer]:
     env = {"ROOST_SERVING__LOGGING__URL": receiver.url,
+           "ROOST_SERVING__LOGGING__FORMAT": "binary",  # KServe's agent's format (e2e: batch)
            "ROOST_SERVING__LOGGING__FLUSH_INTERVAL_S": "0.05"}  # fmt: skip
     yield from serve_champion(settings, tmp_path / "server.log", env=env)
 
