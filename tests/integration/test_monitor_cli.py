@@ -1,32 +1,41 @@
-"""`roost monitor up|down|feedback|report` as a user runs them (subprocesses, real servers)."""
+"""`roost monitor up|down|feedback|report` as a user runs them (a real receiver, real MLflow)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import subprocess
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import pytest
+from typer.testing import CliRunner
 
 from roost import registry
+from roost.cli.app import app
 from roost.config import Settings
 from roost.monitor import events
 
 pytestmark = pytest.mark.integration
 
 
-def roost(settings: Settings, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": str(settings.tracking.uri)}
-    return subprocess.run(
-        [sys.executable, "-m", "roost", "--state-dir", str(settings.state_dir), *args],
-        capture_output=True, text=True, timeout=timeout, check=False, env=env,
-    )  # fmt: skip
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def roost(settings: Settings, *args: str) -> Result:
+    """The CLI in-process (CliRunner), as the user types it; the receiver is a real process."""
+    env = {"MLFLOW_TRACKING_URI": str(settings.tracking.uri), "COLUMNS": "200"}
+    result = CliRunner().invoke(app, ["--state-dir", str(settings.state_dir), *args], env=env)
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
+        result.exception
+    )
+    return Result(result.exit_code, result.stdout, result.stderr)
 
 
 def pair(
