@@ -79,7 +79,7 @@ $(CHECKOV):
 	$(CHECKOV_VENV)/bin/pip install -q "checkov==$(CHECKOV_VERSION)"
 
 .PHONY: apt-deps
-apt-deps: ## Install Debian packages the tests use (nginx: canary proxy; PostgreSQL: cluster runner; chromium: MLflow UI check).
+apt-deps: ## Install Debian packages the tests use (nginx: canary proxy; PostgreSQL: cluster runner; chromium: MLflow UI check; prometheus: monitor rules).
 	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || { \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo ">> apt-get install nginx-light"; \
@@ -93,12 +93,20 @@ apt-deps: ## Install Debian packages the tests use (nginx: canary proxy; Postgre
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; \
 	  else \
 	    echo "PostgreSQL is missing: run 'sudo apt-get install postgresql' (Debian/Ubuntu)"; exit 1; \
+	  fi; }
 	@command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || { \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo ">> apt-get install chromium"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
 	  else \
 	    echo "chromium is missing: run 'sudo apt-get install chromium' (Debian/Ubuntu)"; exit 1; \
+	  fi; }
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo ">> apt-get install prometheus (promtool: the monitor's alert rule tests)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else \
+	    echo "promtool is missing: run 'sudo apt-get install prometheus' (Debian/Ubuntu)"; exit 1; \
 	  fi; }
 
 .PHONY: lint

@@ -111,6 +111,39 @@ class RegistrySettings(_Section):
     )
 
 
+class PayloadLoggingSettings(_Section):
+    """Payload logging from the predictor (owned by roost.monitor.payload)."""
+
+    url: str | None = Field(
+        None, description="Receiver of the CloudEvents (e.g. `roost monitor serve`); unset: off."
+    )
+    sample_rate: float = Field(1.0, ge=0, le=1, description="Fraction of inferences logged.")
+    mode: Literal["all", "request", "response"] = Field(
+        "all", description="Which events to send (KServe's logger modes)."
+    )
+    format: Literal["binary", "batch"] = Field(
+        "batch",
+        description="batch: application/cloudevents-batch+json, one POST per batch (roost's "
+        "receiver; keeps up with inference rates); binary: one POST per event, exactly what "
+        "KServe's logger agent sends (any CloudEvents receiver).",
+    )
+    queue_size: int = Field(
+        10_000, gt=0, description="Events held for sending at most; more are dropped (counted)."
+    )
+    batch_size: int = Field(256, gt=0, description="Events taken from the queue per send.")
+    flush_interval_s: float = Field(0.2, gt=0, description="Longest wait of a queued event.")
+    timeout_s: float = Field(5.0, gt=0, description="Timeout of one POST to the receiver.")
+    max_retries: int = Field(5, ge=0, description="Retries of a failed send before dropping.")
+    backoff_s: float = Field(0.2, gt=0, description="First retry delay (doubles per retry).")
+    max_backoff_s: float = Field(5.0, gt=0, description="Longest retry delay.")
+    source: str | None = Field(None, description="ce-source; default: /roost/<host>/<model>.")
+    inference_service: str | None = Field(
+        None, description="ce-inferenceservicename; default: the model name."
+    )
+    namespace: str = Field("", description="ce-namespace (the pod's namespace in a cluster).")
+    endpoint: str = Field("default", description="ce-endpoint: default or canary, as KServe.")
+
+
 class ServingSettings(_Section):
     """The KServe predictor."""
 
@@ -211,6 +244,8 @@ class ServingSettings(_Section):
                 "(ROOST_SERVING__REPOSITORY_TOKEN)"
             )
         return self
+
+    logging: PayloadLoggingSettings = PayloadLoggingSettings()
 
 
 class RolloutSettings(_Section):
@@ -501,6 +536,53 @@ class LineageSettings(_Section):
     )
 
 
+class MonitorSettings(_Section):
+    """Payload receiver, drift report and the watch loop (owned by roost.monitor)."""
+
+    host: str = Field("127.0.0.1", description="Bind address of `roost monitor serve`.")
+    port: int = Field(8090, ge=0, le=65535, description="Port of the receiver (0: a free one).")
+    store: str | None = Field(
+        None, description="Event store directory; default: state_dir/monitor."
+    )
+    url: str | None = Field(
+        None, description="Receiver URL for feedback and gauges; default: the `monitor up` one."
+    )
+    max_body_bytes: int = Field(1 << 20, gt=0, description="Larger event bodies get HTTP 413.")
+    segment_s: float = Field(
+        30.0, gt=0, description="Journal segments older than this are compacted into Parquet."
+    )
+    segment_bytes: int = Field(32 << 20, gt=0, description="...and segments bigger than this.")
+    startup_timeout_s: float = Field(60.0, gt=0, description="How long `up` waits for /healthz.")
+    window_s: float = Field(900.0, gt=0, description="Report window (seconds).")
+    since_s: float = Field(6 * 3600.0, gt=0, description="Report span (seconds back from now).")
+    min_events: int = Field(
+        50, ge=1, description="Texts a window needs for a verdict (fewer: insufficient data)."
+    )
+    min_labels: int = Field(20, ge=1, description="Feedback labels a window needs for accuracy.")
+    max_js_distance: float = Field(
+        0.1, ge=0, le=1, description="Predicted-label JS distance (base 2) that breaches."
+    )
+    max_confidence_shift: float = Field(
+        0.1, ge=0, le=1, description="Absolute mean-confidence shift that breaches."
+    )
+    max_length_psi: float = Field(0.2, ge=0, description="Text-length PSI that breaches.")
+    max_unseen_rate_increase: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Rise of the unseen-token rate over the reference that breaches.",
+    )
+    min_accuracy: float | None = Field(
+        None, ge=0, le=1, description="Live accuracy below this breaches (unset: not checked)."
+    )
+    experiment: str = Field("roost-monitoring", description="MLflow experiment of reports.")
+    consecutive: int = Field(2, ge=1, description="Watch: breached windows in a row that act.")
+    action: Literal["alert", "retrain"] = Field("alert", description="Watch: what a trigger does.")
+    cooldown_s: float = Field(3600.0, ge=0, description="Watch: quiet time after an action.")
+    poll_s: float = Field(10.0, gt=0, description="Watch: seconds between evaluations.")
+    lease_s: float = Field(60.0, gt=0, description="Watch: a silent watcher loses its lease.")
+
+
 class Settings(BaseSettings):
     """The whole configuration tree."""
 
@@ -524,6 +606,7 @@ class Settings(BaseSettings):
     bench: BenchSettings = BenchSettings()
     tune: TuneSettings = TuneSettings()
     lineage: LineageSettings = LineageSettings()
+    monitor: MonitorSettings = MonitorSettings()
 
     @model_validator(mode="after")
     def _mlflow_env(self) -> Settings:

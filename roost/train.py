@@ -31,6 +31,7 @@ from roost.classifier import TextClassifier
 from roost.config import ModelSettings, Settings, TrainSettings
 from roost.errors import NotFound
 from roost.model import build_model, parameter_count
+from roost.monitor import profile as monitor_profile
 from roost.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -507,6 +508,10 @@ def run_training(
         fig = evaluation.confusion_figure(report)
         mlflow.log_figure(fig, "confusion_matrix.png")
         mlflow.log_dict(report.to_dict(), "classification_report.json")
+        reference = monitor_profile.build(
+            result.classifier, splits.train, splits.val, data.TEXT, data.LABEL
+        )
+        mlflow.log_dict(reference.to_dict(), monitor_profile.PROFILE_ARTIFACT)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / Path(TEST_SPLIT_ARTIFACT).name
             splits.test.to_parquet(path, index=False)

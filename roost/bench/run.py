@@ -94,6 +94,7 @@ class Bench:
                       workers=p.ts_workers[-1]),
         )  # fmt: skip
         servers = self.servers.roost(model, name, version, texts, expected)
+        servers += self.servers.roost_logging(model, name, version, texts, expected)  # its cost
         ts_servers, sweep = self.servers.torchserve(export, texts, expected)
         servers += ts_servers
         self.raw_forward_again(raw)

@@ -15,7 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from roost import registry, tracking
+from roost import proc, registry, tracking
 from roost.bench import loadgen, measure, workload
 from roost.bench import torchserve as ts
 from roost.bench.plan import Profile, Progress, ServerResult, Target
@@ -129,6 +129,60 @@ class Servers:
             if server is not None:
                 server.stop()
 
+    def roost_logging(
+        self,
+        model: registry.LocalModel,
+        name: str,
+        version: str,
+        texts: list[str],
+        expected: workload.Expected,
+    ) -> list[ServerResult]:
+        """rest-v2 again with payload logging on (sample rate 1.0) to a local receiver.
+
+        Same run, same ladder as the plain rest-v2 row, so the two rows give the cost of
+        logging. The receiver shares this machine's CPUs (in a cluster it runs elsewhere).
+        """
+        import sys
+
+        logs = self.work / "logs"
+        port = proc.free_port()
+        receiver = proc.start_background(
+            [sys.executable, "-m", "roost", "monitor", "serve", "--port", str(port),
+             "--store", str(self.work / "monitor-store")], logs / "receiver.log",
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            proc.wait_http(url + "/healthz", 60, receiver, what="monitor receiver")
+            env = {"ROOST_SERVING__LOGGING__URL": url, "ROOST_SERVING__LOGGING__SAMPLE_RATE": "1"}
+            server, seconds = self._start_roost(
+                str(model.path), name, logs / "roost-logging.log", env, ["--model-version", version]
+            )
+            logging_cfg = self.settings.serving.logging
+            result = ServerResult(
+                "roost+payload-logging", "rest-v2", 1, seconds, [seconds],
+                {"payload_logging": {"sample_rate": 1.0, "format": logging_cfg.format,
+                                     "batch_size": logging_cfg.batch_size,
+                                     "receiver": "roost monitor serve, same machine"}},
+            )  # fmt: skip
+            try:
+                self.load(
+                    Target(
+                        result, server.process.pid, len(texts),
+                        lambda: loadgen.HttpSender(
+                            "127.0.0.1", server.http_port, f"/v2/models/{name}/infer",
+                            workload.v2_bodies(texts), workload.check_v2(expected, 1,
+                                                                         len(texts)),
+                            self.cfg.connections,
+                        ),
+                    )
+                )  # fmt: skip
+                result.config["events_dropped"] = _dropped_events(server.http_url)
+            finally:
+                server.stop()
+        finally:
+            receiver.stop()
+        return [result]
+
     def _start_roost(
         self,
         uri: str,
@@ -214,3 +268,18 @@ class Servers:
         ]
         best = max(results, key=lambda r: (r.max_rps, -r.config["workers"]))
         return [best], sweep
+
+
+def _dropped_events(url: str) -> float | None:
+    """``roost_payload_events_dropped_total`` of a server (all reasons), from its /metrics."""
+    import httpx
+
+    try:
+        text = httpx.get(url + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return None
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("roost_payload_events_dropped_total{")
+    )

@@ -106,6 +106,7 @@ def _register() -> None:
         cluster,
         demo,
         lineage,
+        monitor,
         registry,
         rollout,
         serve,
@@ -128,6 +129,7 @@ def _register() -> None:
     app.command("tune", epilog=tune.EPILOG)(tune.tune)
     app.command("tune-worker", hidden=True)(tune.worker)
     app.command("lineage", epilog=lineage.EPILOG)(lineage.lineage)
+    app.add_typer(monitor.app, name="monitor")
 
 
 _register()

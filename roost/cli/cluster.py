@@ -13,6 +13,7 @@ from rich.table import Table
 from roost.cli.context import state
 from roost.cli.output import JsonFlag, console, emit_json, interactive
 from roost.errors import ConfigError
+from roost.monitor.deploy import with_logger
 
 if TYPE_CHECKING:
     from roost.config import Settings
@@ -163,6 +164,20 @@ def deploy(
         bool,
         typer.Option(help="Take over fields another manager owns (server-side apply conflicts)."),
     ] = False,
+    log_url: Annotated[
+        str | None,
+        typer.Option(
+            help="KServe's logger sends each request and response as a CloudEvent here "
+            "(e.g. the `roost monitor serve` Service; default: the chart's monitor.logger).",
+            show_default=False,
+        ),
+    ] = None,
+    log_mode: Annotated[
+        str | None,
+        typer.Option(
+            help="Which payloads KServe logs: all, request or response.", show_default=False
+        ),
+    ] = None,
     json_output: JsonFlag = False,
 ) -> None:
     """Serve a registry version on KServe: server-side apply, wait for Ready, print the URL.
@@ -196,7 +211,7 @@ def deploy(
         base["metadata"]["name"] = cfg.inference_service + suffix
     runtime = templates.get(k8s.TEMPLATE_RUNTIME, RUNTIME_ROOST)
     uri = resolve_storage_uri(settings, version, runtime, storage_uri, templates)
-    manifest = k8s.isvc_manifest(base, uri, version, canary)
+    manifest = with_logger(k8s.isvc_manifest(base, uri, version, canary), log_url, log_mode)
     target = f"{cfg.namespace}/{manifest['metadata']['name']}"
     if not json_output:
         console.print(f"InferenceService [bold]{target}[/]: version {version} from {uri}")

@@ -65,6 +65,18 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    log_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Send each inference as CloudEvents (KServe's logger format) to this URL, "
+            "e.g. `roost monitor serve`'s (default: off).",
+            show_default=False,
+        ),
+    ] = None,
+    log_sample_rate: Annotated[
+        float | None,
+        typer.Option(help="Fraction of inferences logged (default: 1.0).", show_default=False),
+    ] = None,
 ) -> None:
     """Serve the model with KServe: REST v1 + v2 (Open Inference Protocol), gRPC v2, /metrics.
 
@@ -87,6 +99,8 @@ def serve(
             "serving.max_batch_wait_ms": max_batch_wait_ms,
             "serving.max_texts_per_request": max_texts_per_request,
             "serving.repository_extension": repository_extension,
+            "serving.logging.url": log_url,
+            "serving.logging.sample_rate": log_sample_rate,
         }
     )
     from roost.serving.server import serve as run_server

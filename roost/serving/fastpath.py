@@ -34,6 +34,7 @@ from kserve.protocol.grpc.servicer import InferenceServicer
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from roost.config import ServingSettings
+from roost.monitor import events
 from roost.serving import codec, guard, metrics
 from roost.serving.guard import Repository, replay_body
 
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 JSON_TYPES = frozenset({b"application/json", b"application/json; charset=utf-8"})
 # Bytes of a request line + headers at most (HTTP 431 over it).
 MAX_HEAD_BYTES = 64 * 1024
+EVENT_ID_HEADER = events.EVENT_ID_HEADER.encode()
 
 
 class _Meters:
@@ -120,6 +122,7 @@ class FastPath:
                 codec.Protocol.REST_V2
             )
         self.meters = {p: _Meters(model, p) for p in self.routes.values()}
+        self.payload = model.payload  # roost.monitor's payload logger (None: logging off)
         self.headers = [(b"content-type", b"application/json")] + [
             (k.encode(), v.encode()) for k, v in model.response_headers().items()
         ]
@@ -163,7 +166,16 @@ class FastPath:
             where = "instances"
         if decoded is not None:
             codec.check_count(len(decoded[0]), self.max_texts, where)
+            if self.payload is not None:  # the id its events will carry
+                decoded = (decoded[0], self.payload.event_id(decoded[1]))
         return decoded
+
+    def log(self, event_id: str, request: bytes, response: bytes) -> list[tuple[bytes, bytes]]:
+        """Queue the payload events (when logging is on); the response headers that name them."""
+        if self.payload is None:
+            return []
+        self.payload.log(event_id, request, response)
+        return [(EVENT_ID_HEADER, event_id.encode())]
 
     def encode(self, protocol: codec.Protocol, request_id: str, proba: np.ndarray) -> bytes:
         model = self.model
@@ -364,7 +376,8 @@ def http_protocol(fast: FastPath | None, cfg: ServingSettings) -> type[Any] | No
             except Exception as error:  # a callback has no caller to tell: answer the error
                 self._fast_error(cycle, protocol, error)
                 return
-            self._roost_write(cycle, 200, body, extra=fast.headers)
+            logged = fast.log(request_id, bytes(cycle.body), body)
+            self._roost_write(cycle, 200, body, extra=[*fast.headers, *logged])
             fast.meters[protocol].record(start, decoded, predicted, time.perf_counter())
 
         def _roost_write(
@@ -472,7 +485,8 @@ class FastASGI:
             return True
         predicted = time.perf_counter()
         out = fast.encode(protocol, request_id, proba)
-        headers = [*fast.headers, (b"content-length", b"%d" % len(out))]
+        logged = fast.log(request_id, body, out)
+        headers = [*fast.headers, *logged, (b"content-length", b"%d" % len(out))]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": out})
         fast.meters[protocol].record(start, ready, predicted, time.perf_counter())
@@ -539,9 +553,15 @@ class FastServicer(InferenceServicer):  # type: ignore[misc]
         decoded = time.perf_counter()
         proba = await model.infer(texts)  # an error here is the answer (the interceptor maps it)
         predicted = time.perf_counter()
+        payload = model.payload
+        event_id = request.id if payload is None else payload.event_id(request.id)
+        names = model.names(proba)
         response = codec.grpc_response(
-            model.name, model.version, request.id, model.labels, model.names(proba), proba
+            model.name, model.version, event_id, model.labels, names, proba
         )
+        if payload is not None:  # roost.monitor: log it, and name the events in the metadata
+            await context.send_initial_metadata(((events.EVENT_ID_HEADER, event_id),))
+            payload.log_grpc(event_id, texts, model, names, proba)
         self.meters.record(start, decoded, predicted, time.perf_counter())
         return response
 

@@ -303,6 +303,40 @@ CLIENT_ERRORS: tuple[tuple[type[Exception], int], ...] = (
 UNAVAILABLE: tuple[type[Exception], ...] = (ModelNotReady, ServerNotReady, ServerNotLive)
 
 
+class BodyLimit:
+    """ASGI middleware for roost's other HTTP services (the monitor's receiver): a body over
+    ``limit`` bytes gets a JSON 413 before any handler reads it."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") not in {"POST", "PUT", "PATCH"}:
+            await self.app(scope, receive, send)
+            return
+        too_big = f"request body: larger than the limit of {self.limit} bytes"
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await respond(send, 413, too_big, close=True)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await respond(send, 413, too_big, close=True)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        await self.app(scope, replay_body(b"".join(chunks), receive), send)
+
+
 def status_of(exc: Exception) -> int:
     """HTTP status of an exception raised while answering a request."""
     for kind, status in CLIENT_ERRORS:

@@ -17,6 +17,8 @@ from kserve.model import InferenceVerb
 from roost import proc
 from roost.classifier import TextClassifier
 from roost.config import ServingSettings, Settings
+from roost.monitor.events import EVENT_ID_HEADER
+from roost.monitor.payload import PayloadLogger, text_request
 from roost.serving import codec, kernel, metrics
 from roost.serving.batching import BatchFn, MicroBatcher
 
@@ -85,6 +87,7 @@ class SentimentModel(kserve.Model):  # type: ignore[misc]
         self.batcher: MicroBatcher | None = None
         self.plan: BatchPlan | None = None
         self.labels: list[str] = []
+        self.payload: PayloadLogger | None = None  # roost.monitor: payload events, when on
         self.ready = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -107,6 +110,9 @@ class SentimentModel(kserve.Model):  # type: ignore[misc]
             **self._labels(), alias=self.alias or "", uri=self.model_uri
         )
         info.set(1)
+        if cfg.logging.url:
+            self.payload = PayloadLogger(cfg.logging, self.name, self.version)
+            self.payload.start()
         log.info(
             "model loaded name=%s version=%s alias=%s seconds=%.2f threads=%d batch=%d "
             "wait_ms=%.3f forward_ms=%s",
@@ -247,9 +253,35 @@ class SentimentModel(kserve.Model):  # type: ignore[misc]
         names = self.names(proba)
         if response_headers is not None:
             response_headers.update(self.response_headers())
+        event_id = self._log_payload(decoded, names, proba, response_headers)
         if decoded.protocol is codec.Protocol.REST_V1:
             return codec.encode_v1(self.labels, names, proba)
-        return codec.encode_v2(decoded, self.name, self.version, self.labels, names, proba)
+        out = codec.encode_v2(decoded, self.name, self.version, self.labels, names, proba)
+        out.id = event_id or out.id
+        return out
+
+    def _log_payload(
+        self,
+        decoded: codec.Decoded,
+        names: list[str],
+        proba: np.ndarray,
+        response_headers: dict[str, str] | None,
+    ) -> str | None:
+        """KServe's path: log the request as v2 JSON and the answer; returns the event id."""
+        payload = self.payload
+        if payload is None:
+            return None
+        request_id = decoded.request.id if decoded.request is not None else ""
+        event_id = payload.event_id(request_id or "")
+        if response_headers is not None:
+            response_headers[EVENT_ID_HEADER] = event_id
+        texts, labels, version = decoded.texts, self.labels, self.version
+        payload.log(
+            event_id,
+            lambda: text_request(event_id, texts),
+            lambda: codec.v2_json(self.name, version, event_id, labels, names, proba),
+        )
+        return event_id
 
     def response_headers(self) -> dict[str, str]:
         out = {VERSION_HEADER: self.version or "unknown"}

@@ -99,3 +99,5 @@ def serve(settings: Settings) -> None:
         cfg.model_name, model.version, cfg.http_port, cfg.grpc_port, cfg.fast_path,
     )  # fmt: skip
     server.start([model])
+    if model.payload is not None:  # deliver the queued payload events before exiting
+        model.payload.close()

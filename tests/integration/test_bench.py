@@ -40,7 +40,7 @@ def quick_bench(
     settings: Settings, champion: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[dict[str, Any], Path]:
     out = tmp_path_factory.mktemp("bench")
-    result = roost(settings, "bench", "--quick", "--out", str(out), "--json", timeout=180)
+    result = roost(settings, "bench", "--quick", "--out", str(out), "--json", timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout), out
 
@@ -57,6 +57,7 @@ def test_bench_json_shape(quick_bench: tuple[dict[str, Any], Path], champion: An
     assert raw["max_seq_per_s"] > 0 and raw["batch_size"] >= 1
     pairs = {(s["name"], s["protocol"]) for s in doc["servers"]}
     assert {("roost", "rest-v2"), ("roost", "grpc-v2"), ("torchserve", "rest")} <= pairs
+    assert ("roost+payload-logging", "rest-v2") in pairs  # logging on, same run: its cost
     for server in doc["servers"]:
         assert set(server) >= SERVER_KEYS
         assert server["cold_start_s"] > 0 and server["peak_rss_mb"] > 0
@@ -65,6 +66,7 @@ def test_bench_json_shape(quick_bench: tuple[dict[str, Any], Path], champion: An
             assert set(step) >= STEP_KEYS
             assert step["requests"] >= 1
     assert {"roost_vs_torchserve", "roost_vs_raw", "cold_start"} <= set(doc["targets"])
+    assert "payload_logging_kept" in doc["targets"]
 
 
 def test_every_answer_matches_the_reference_model(

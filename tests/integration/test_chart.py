@@ -647,3 +647,51 @@ def test_serving_limits_and_repository_extension(docs) -> None:
     extra["serving"]["repositoryExtension"]["tokenSecret"]["name"] = ""
     with pytest.raises(Exception, match="tokenSecret"):
         render(values_of(VALUE_SETS["ci-kind"], extra))
+
+
+def test_monitor_receiver_and_the_predictor_logger(docs) -> None:
+    """The receiver is off by default; on, every InferenceService logs to it (KServe's agent)."""
+    assert not find(docs["default"], "Deployment", "roost-monitor")
+    assert all("logger" not in i["spec"]["predictor"] for i in with_embedded(docs["default"])
+               if i["kind"] == "InferenceService")  # fmt: skip
+    for name in ("kind", "eks", "ci-kind"):
+        (deployment,) = find(docs[name], "Deployment", "roost-monitor")
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        assert container["args"][:2] == ["monitor", "serve"]
+        assert find(docs[name], "Service", "roost-monitor")
+        (policy,) = find(docs[name], "NetworkPolicy", "roost-monitor")
+        peers = policy["spec"]["ingress"][0]["from"]
+        assert {"podSelector": {"matchLabels": {"roost.io/monitor-access": "true"}}} in peers
+    isvcs = [i for i in with_embedded(docs["ci-kind"]) if i["kind"] == "InferenceService"]
+    assert len(isvcs) >= 2  # the served one(s) and the template `roost deploy` fills in
+    for isvc in isvcs:
+        assert isvc["spec"]["predictor"]["logger"] == {
+            "mode": "all",
+            "url": "http://roost-monitor.roost.svc.cluster.local:8090/",
+        }
+    (isvc,) = find(docs["ci-eks"], "InferenceService")
+    assert isvc["spec"]["predictor"]["logger"] == {
+        "mode": "request", "url": "http://collector.observability.svc:8080/events"
+    }  # fmt: skip
+
+
+def test_deploy_log_flags_render_a_valid_logger(docs) -> None:
+    """`roost deploy --log-url --log-mode` on the chart's template passes the KServe CRD schema."""
+    from roost.monitor.deploy import with_logger
+
+    tools.schema_dir()
+    (template,) = [i for i in with_embedded(docs["default"]) if i["kind"] == "InferenceService"]
+    assert "logger" not in template["spec"]["predictor"]
+    manifest = with_logger(template, "http://receiver.roost.svc:8090/", "response")
+    assert manifest["spec"]["predictor"]["logger"] == {
+        "url": "http://receiver.roost.svc:8090/", "mode": "response"
+    }  # fmt: skip
+    assert not tools.crd_errors(manifest)
+
+
+def test_crd_validation_catches_a_bad_logger_mode() -> None:
+    tools.schema_dir()
+    (isvc,) = find(documents(render(values_of(VALUE_SETS["ci-eks"]))), "InferenceService")
+    assert not tools.crd_errors(isvc)
+    isvc["spec"]["predictor"]["logger"]["mode"] = "everything"
+    assert any("everything" in e or "mode" in e for e in tools.crd_errors(isvc))

@@ -368,6 +368,11 @@ spec:
       seccompProfile:
         type: RuntimeDefault
     {{- include "roost.imagePullSecrets" (list $ctx 4) }}
+    {{- with (include "roost.monitorLogUrl" $ctx) }}
+    logger:
+      mode: {{ $ctx.Values.monitor.logger.mode }}
+      url: {{ . | quote }}
+    {{- end }}
     {{- if $torchserve }}
     volumes:
       - name: tmp
@@ -548,4 +553,19 @@ spec:
             {{- include "roost.scratchMounts" $ctx | nindent 12 }}
       volumes:
         {{- include "roost.scratchVolumes" $ctx | nindent 8 }}
+{{- end }}
+
+{{/*
+Where KServe's logger agent sends payload events: monitor.logger.url, else the receiver's
+Service when the chart runs it; empty: no spec.predictor.logger.
+*/}}
+{{- define "roost.monitorLogUrl" -}}
+{{- $m := .Values.monitor }}
+{{- if $m.logger.enabled }}
+{{- if $m.logger.url }}
+{{- $m.logger.url }}
+{{- else if $m.enabled }}
+{{- printf "http://%s.%s.svc.%s:%v/" (include "roost.componentName" (list . "monitor")) .Release.Namespace .Values.clusterDomain $m.service.port }}
+{{- end }}
+{{- end }}
 {{- end }}

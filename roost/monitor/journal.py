@@ -1,0 +1,455 @@
+"""The receiver's durable store: an fsync'd journal, compacted into partitioned Parquet.
+
+Durability contract (what ``roost monitor serve`` promises): an event is acknowledged (2xx)
+only after its journal line was written *and* fsync'd. Appends from concurrent requests are
+group-committed: whoever arrives while a write is in flight joins the next write, so one
+fsync covers many events and throughput does not fall to one event per disk flush.
+
+Layout under the store's root::
+
+    journal/seg-000000012.jsonl                  the active segment (and closed ones, briefly)
+    events/model=M/version=V/hour=YYYY-MM-DDTHH/part-000000012.parquet
+    feedback/hour=YYYY-MM-DDTHH/part-000000012.parquet
+
+A segment is closed when it is big or old enough; a closed segment becomes Parquet files,
+each written to a temporary name, fsync'd and renamed (so a file is either absent or
+complete), then the segment is deleted. Compaction is idempotent: the part files of a
+segment have the segment's number in their name, so redoing it after a crash rewrites the
+same files. A line torn by a crash (never acknowledged) is cut off at start-up.
+
+Duplicates (the same event id and type delivered twice, as at-least-once senders do) are
+stored once: the keys of every stored event are kept in memory and rebuilt at start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from roost.monitor import events
+
+log = logging.getLogger(__name__)
+
+FEEDBACK_TYPE = "roost.feedback"
+SEGMENT_RE = re.compile(r"seg-(\d{9})\.jsonl$")
+Key = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Record:
+    """One journal line: an event or a feedback label."""
+
+    id: str
+    type: str
+    received: float
+    time: str = ""
+    source: str = ""
+    attributes: dict[str, str] | None = None
+    data: bytes = b"null"  # raw JSON (events) or the label as a JSON string (feedback)
+
+    @property
+    def key(self) -> Key:
+        return (self.id, self.type)
+
+    def line(self) -> bytes:
+        return (
+            orjson.dumps(
+                {
+                    "id": self.id,
+                    "type": self.type,
+                    "received": self.received,
+                    "time": self.time,
+                    "source": self.source,
+                    "attributes": self.attributes or {},
+                    "data": orjson.Fragment(self.data),
+                }
+            )
+            + b"\n"
+        )
+
+    @classmethod
+    def of_event(cls, event: events.Event, received: float) -> Record:
+        return cls(
+            event.id, event.type, received, event.time, event.source, event.attributes, event.data
+        )
+
+    @classmethod
+    def feedback(cls, event_id: str, label: str, received: float) -> Record:
+        return cls(event_id, FEEDBACK_TYPE, received, data=orjson.dumps(label))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Journal:
+    """Append-only, group-committed journal with background compaction into Parquet."""
+
+    def __init__(
+        self,
+        root: Path,
+        segment_bytes: int = 32 << 20,
+        segment_s: float = 60.0,
+    ) -> None:
+        self.root = root
+        self.journal_dir = root / "journal"
+        self.segment_bytes = segment_bytes
+        self.segment_s = segment_s
+        self.seen: set[Key] = set()
+        self._inflight: dict[Key, asyncio.Future[None]] = {}
+        self._pending: list[tuple[Record, asyncio.Future[None]]] = []
+        self._writing = False
+        self._committer: asyncio.Task[None] | None = None
+        self._file: Any = None
+        self._segment = 0
+        self._opened = 0.0
+        self._size = 0
+        self._lock = threading.Lock()  # the compactor vs rotation
+        self._compact_wake = threading.Event()
+        self._stop = threading.Event()
+        self._compactor: threading.Thread | None = None
+        self.stored = 0
+        self.duplicates = 0
+        self.compacted_segments = 0
+
+    # -- start-up -----------------------------------------------------------------------------
+    def open(self) -> None:
+        """Recover: cut torn lines, load the keys stored so far, compact closed segments."""
+        self.journal_dir.mkdir(parents=True, exist_ok=True)
+        segments = self.segments()
+        for _, path in segments:
+            self._repair(path)
+            for record in read_segment(path):
+                self.seen.add(record.key)
+        self.seen |= stored_keys(self.root)
+        self._segment = (segments[-1][0] + 1) if segments else 1
+        self._open_segment()
+        self._compactor = threading.Thread(target=self._compact_loop, name="compactor", daemon=True)
+        self._compactor.start()
+        self._compact_wake.set()  # the segments left by the last process
+        log.info(
+            "journal open root=%s keys=%d segment=%d", self.root, len(self.seen), self._segment
+        )
+
+    def segments(self) -> list[tuple[int, Path]]:
+        out = []
+        for path in self.journal_dir.glob("seg-*.jsonl"):
+            match = SEGMENT_RE.search(path.name)
+            if match:
+                out.append((int(match.group(1)), path))
+        return sorted(out)
+
+    @staticmethod
+    def _repair(path: Path) -> None:
+        """Cut a torn last line (written, never fsync'd whole, so never acknowledged)."""
+        data = path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end != len(data):
+            log.warning("journal %s: cutting %d bytes of a torn line", path.name, len(data) - end)
+            with open(path, "r+b") as fh:
+                fh.truncate(end)
+                os.fsync(fh.fileno())
+
+    def _open_segment(self) -> None:
+        path = self.journal_dir / f"seg-{self._segment:09d}.jsonl"
+        self._file = open(path, "ab")  # noqa: SIM115 - held open for appends
+        _fsync_dir(self.journal_dir)
+        self._opened = time.monotonic()
+        self._size = self._file.tell()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._compact_wake.set()
+        if self._compactor is not None:
+            self._compactor.join(30)
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    # -- appends (event loop) -----------------------------------------------------------------
+    async def append(self, records: Iterable[Record]) -> tuple[int, int]:
+        """Store ``records`` durably; returns (stored, duplicates) once all are on disk."""
+        loop = asyncio.get_running_loop()
+        waits: list[asyncio.Future[None]] = []
+        stored = duplicates = 0
+        for record in records:
+            key = record.key
+            if key in self.seen:
+                duplicates += 1
+                continue
+            inflight = self._inflight.get(key)
+            if inflight is not None:  # the same event, arriving twice at once
+                duplicates += 1
+                waits.append(inflight)
+                continue
+            future: asyncio.Future[None] = loop.create_future()
+            self._inflight[key] = future
+            self._pending.append((record, future))
+            waits.append(future)
+            stored += 1
+        if self._pending and not self._writing:
+            self._writing = True
+            self._committer = loop.create_task(self._commit_loop())
+        if waits:
+            await asyncio.gather(*waits)
+        self.duplicates += duplicates
+        return stored, duplicates
+
+    async def _commit_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                data = b"".join(record.line() for record, _ in batch)
+                try:
+                    await loop.run_in_executor(None, self._write, data)
+                except OSError as exc:
+                    for record, future in batch:
+                        self._inflight.pop(record.key, None)
+                        future.set_exception(exc)
+                    continue
+                for record, future in batch:
+                    self.seen.add(record.key)
+                    self._inflight.pop(record.key, None)
+                    future.set_result(None)
+                self.stored += len(batch)
+        finally:
+            self._writing = False
+
+    def _write(self, data: bytes) -> None:
+        with self._lock:
+            self._file.write(data)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._size += len(data)
+            if self._size >= self.segment_bytes:
+                self._rotate()
+
+    def _rotate(self) -> None:
+        """Close the active segment (holding the lock) and start the next one."""
+        if self._size == 0:
+            return
+        self._file.close()
+        self._segment += 1
+        self._open_segment()
+        self._compact_wake.set()
+
+    def rotate_if_old(self) -> bool:
+        """Close the active segment if it has data and is older than ``segment_s``."""
+        with self._lock:
+            if self._size and time.monotonic() - self._opened >= self.segment_s:
+                self._rotate()
+                return True
+        return False
+
+    def flush(self) -> None:
+        """Close the active segment now and compact everything closed (tests, reports)."""
+        with self._lock:
+            self._rotate()
+        self.compact()
+
+    # -- compaction (a thread) ---------------------------------------------------------------
+    def _compact_loop(self) -> None:
+        while not self._stop.is_set():
+            self._compact_wake.wait(max(0.5, self.segment_s / 4))
+            self._compact_wake.clear()
+            self.rotate_if_old()
+            try:
+                self.compact()
+            except Exception:  # keep the receiver up; the segment stays and is retried
+                log.exception("compaction failed; the journal keeps the events")
+
+    def compact(self) -> int:
+        """Turn every closed segment into Parquet parts; returns how many it compacted."""
+        done = 0
+        with _COMPACT_LOCK:
+            for number, path in self.segments():
+                if number >= self._segment:
+                    break
+                write_parts(self.root, number, list(read_segment(path)))
+                path.unlink()
+                _fsync_dir(self.journal_dir)
+                done += 1
+        self.compacted_segments += done
+        return done
+
+
+_COMPACT_LOCK = threading.Lock()
+
+
+def read_segment(path: Path) -> Iterator[Record]:
+    with open(path, "rb") as fh:
+        for line in fh:
+            if not line.endswith(b"\n"):
+                return  # torn (never acknowledged)
+            doc = orjson.loads(line)
+            yield Record(
+                doc["id"],
+                doc["type"],
+                doc["received"],
+                doc.get("time", ""),
+                doc.get("source", ""),
+                doc.get("attributes") or {},
+                orjson.dumps(doc["data"]),
+            )
+
+
+# -- Parquet ---------------------------------------------------------------------------------
+def _hour(record: Record) -> str:
+    """The partition hour of an event: its ce-time, else the time it was received (UTC)."""
+    stamp: dt.datetime | None = None
+    if record.time:
+        try:
+            stamp = dt.datetime.fromisoformat(record.time.replace("Z", "+00:00"))
+        except ValueError:
+            stamp = None
+    if stamp is None:
+        stamp = dt.datetime.fromtimestamp(record.received, dt.UTC)
+    elif stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=dt.UTC)
+    return stamp.astimezone(dt.UTC).strftime("%Y-%m-%dT%H")
+
+
+def _timestamp(record: Record) -> dt.datetime:
+    if record.time:
+        try:
+            stamp = dt.datetime.fromisoformat(record.time.replace("Z", "+00:00"))
+            return stamp if stamp.tzinfo else stamp.replace(tzinfo=dt.UTC)
+        except ValueError:
+            pass
+    return dt.datetime.fromtimestamp(record.received, dt.UTC)
+
+
+def _safe(value: str) -> str:
+    """A partition value usable as a path component."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", value) or "unknown"
+
+
+def write_parts(root: Path, segment: int, records: list[Record]) -> list[Path]:
+    """Write one segment's records as Parquet parts (atomic renames); returns the paths."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from roost.monitor import payloads
+
+    event_schema, feedback_schema = _schemas()
+    versions: dict[str, str] = {}
+    rows: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    feedback: dict[str, list[dict[str, Any]]] = {}
+    parsed = []
+    for record in records:
+        if record.type == FEEDBACK_TYPE:
+            feedback.setdefault(_hour(record), []).append(
+                {
+                    "id": record.id,
+                    "label": orjson.loads(record.data),
+                    "received": dt.datetime.fromtimestamp(record.received, dt.UTC),
+                }
+            )
+            continue
+        fields = payloads.parse(record.type, orjson.loads(record.data))
+        attrs = record.attributes or {}
+        version = attrs.get(events.VERSION_EXTENSION) or fields.get("version") or ""
+        if version:
+            versions[record.id] = version
+        parsed.append((record, fields, attrs, version))
+    for record, fields, attrs, version in parsed:
+        version = version or versions.get(record.id) or "unknown"  # a request: its response's
+        model = attrs.get("inferenceservicename") or "unknown"
+        key = (_safe(model), _safe(version), _hour(record))
+        rows.setdefault(key, []).append(
+            {
+                "id": record.id,
+                "type": "request" if record.type == events.REQUEST_TYPE else "response",
+                "time": _timestamp(record),
+                "received": dt.datetime.fromtimestamp(record.received, dt.UTC),
+                "model": model,
+                "version": version,
+                "endpoint": attrs.get("endpoint", ""),
+                "namespace": attrs.get("namespace", ""),
+                "source": record.source,
+                "texts": fields.get("texts"),
+                "labels": fields.get("labels"),
+                "confidences": fields.get("confidences"),
+                "data": record.data.decode(),
+            }
+        )
+    written = []
+    for (model, version, hour), group in rows.items():
+        folder = root / "events" / f"model={model}" / f"version={version}" / f"hour={hour}"
+        table = pa.Table.from_pylist(group, schema=event_schema)
+        written.append(_atomic_parquet(folder, segment, table, pq))
+    for hour, group in feedback.items():
+        folder = root / "feedback" / f"hour={hour}"
+        table = pa.Table.from_pylist(group, schema=feedback_schema)
+        written.append(_atomic_parquet(folder, segment, table, pq))
+    return written
+
+
+def _atomic_parquet(folder: Path, segment: int, table: Any, pq: Any) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"part-{segment:09d}.parquet"
+    tmp = folder / f".part-{segment:09d}.parquet.tmp"
+    pq.write_table(table, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(folder)
+    return final
+
+
+def _schemas() -> tuple[Any, Any]:
+    import pyarrow as pa
+
+    ts = pa.timestamp("us", tz="UTC")
+    event = pa.schema(
+        [
+            ("id", pa.string()),
+            ("type", pa.string()),
+            ("time", ts),
+            ("received", ts),
+            ("model", pa.string()),
+            ("version", pa.string()),
+            ("endpoint", pa.string()),
+            ("namespace", pa.string()),
+            ("source", pa.string()),
+            ("texts", pa.list_(pa.string())),
+            ("labels", pa.list_(pa.string())),
+            ("confidences", pa.list_(pa.float32())),
+            ("data", pa.string()),
+        ]
+    )
+    feedback = pa.schema([("id", pa.string()), ("label", pa.string()), ("received", ts)])
+    return event, feedback
+
+
+def stored_keys(root: Path) -> set[Key]:
+    """(id, type) of every event and feedback label already in Parquet."""
+    import pyarrow.parquet as pq
+
+    keys: set[Key] = set()
+    for path in (root / "events").rglob("part-*.parquet"):
+        table = pq.read_table(path, columns=["id", "type"])
+        for event_id, kind in zip(
+            table.column("id").to_pylist(), table.column("type").to_pylist(), strict=True
+        ):
+            keys.add((event_id, events.REQUEST_TYPE if kind == "request" else events.RESPONSE_TYPE))
+    for path in (root / "feedback").rglob("part-*.parquet"):
+        table = pq.read_table(path, columns=["id"])
+        keys.update((event_id, FEEDBACK_TYPE) for event_id in table.column("id").to_pylist())
+    return keys
