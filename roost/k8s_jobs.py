@@ -44,10 +44,10 @@ class JobFailed(RoostError):
     http_status = 500
 
 
-def job_name(now: float | None = None) -> str:
+def job_name(now: float | None = None, prefix: str = "roost-train") -> str:
     """A fresh, sortable Job name: roost-train-20250101-120000-ab12."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now if now is not None else time.time()))
-    return f"roost-train-{stamp}-{secrets.token_hex(2)}"
+    return f"{prefix}-{stamp}-{secrets.token_hex(2)}"
 
 
 def _env_value(value: Any) -> str:
@@ -91,7 +91,11 @@ def training_env(settings: Settings) -> list[dict[str, str]]:
 
 
 def job_manifest(
-    base: dict[str, Any], name: str, env: list[dict[str, str]], labels: dict[str, str]
+    base: dict[str, Any],
+    name: str,
+    env: list[dict[str, str]],
+    labels: dict[str, str],
+    container_name: str = CONTAINER,
 ) -> dict[str, Any]:
     """The chart's Job template renamed, with ``env`` on the train container (pure).
 
@@ -117,9 +121,9 @@ def job_manifest(
         **labels,
     }
     containers = pod["spec"]["containers"]
-    container = next((c for c in containers if c.get("name") == CONTAINER), None)
+    container = next((c for c in containers if c.get("name") == container_name), None)
     if container is None:
-        raise ConfigError(f"the Job template has no container named {CONTAINER!r}")
+        raise ConfigError(f"the Job template has no container named {container_name!r}")
     current = list(container.get("env") or [])
     for item in env:
         index = next((i for i, e in enumerate(current) if e.get("name") == item["name"]), None)
@@ -274,7 +278,9 @@ def job_pods(api: Any, namespace: str, name: str) -> list[dict[str, Any]]:
     )
 
 
-def follow_log(api: Any, namespace: str, pod: str, timeout_s: float) -> Iterator[str]:
+def follow_log(
+    api: Any, namespace: str, pod: str, timeout_s: float, container: str = CONTAINER
+) -> Iterator[str]:
     """The container's log, line by line, until it ends (follow=True)."""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
@@ -285,7 +291,7 @@ def follow_log(api: Any, namespace: str, pod: str, timeout_s: float) -> Iterator
         response: Any = client.CoreV1Api(api).read_namespaced_pod_log(
             pod,
             namespace,
-            container=CONTAINER,
+            container=container,
             follow=True,
             _preload_content=False,
             _request_timeout=(10, max(timeout_s, 1.0)),
@@ -330,6 +336,7 @@ def run_job(
     on_status: StatusHandler | None = None,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    container: str = CONTAINER,
 ) -> JobResult:
     """Create the Job, stream every pod's log in turn, return when it completes or fails.
 
@@ -368,7 +375,9 @@ def run_job(
             attempt = result.pods.index(pod_name) + 1
             status(f"pod {pod_name} ({phase.lower()}, attempt {attempt})")
             count = 0
-            for line in follow_log(api, namespace, pod_name, max(deadline - clock(), 1.0)):
+            for line in follow_log(
+                api, namespace, pod_name, max(deadline - clock(), 1.0), container
+            ):
                 count += 1
                 if count <= seen.get(pod_name, 0):
                     continue

@@ -114,7 +114,7 @@ def root(
 
 def _register() -> None:
     # One line per command or group; each module owns its own commands.
-    from roost.cli import bench, cluster, demo, registry, rollout, serve, tracking, train
+    from roost.cli import batch, bench, cluster, demo, registry, rollout, serve, tracking, train
 
     app.command("train")(train.train)
     app.command("promote")(registry.promote)
@@ -127,6 +127,7 @@ def _register() -> None:
     app.add_typer(cluster.aws_app, name="aws")
     app.command("deploy")(cluster.deploy)
     app.add_typer(bench.app, name="bench")
+    app.add_typer(batch.app, name="batch")
 
 
 _register()
