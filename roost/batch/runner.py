@@ -217,9 +217,7 @@ class BatchResult:
             "shards_done": self.shards_done,
             "finalized": self.finalized,
             "succeeded": self.succeeded,
-            "manifest": (
-                storage.join(self.output, plan.MANIFEST_FILE) if self.finalized else None
-            ),
+            "manifest": (storage.join(self.output, plan.MANIFEST_FILE) if self.finalized else None),
         }
 
 

@@ -197,6 +197,11 @@ class Bench:
         ts_servers, sweep = self.torchserve(export, texts, expected)
         servers += ts_servers
         self.raw_forward_again(raw)
+        batch_section = None
+        if not p.quick:  # 1M rows take a while; `roost bench batch` runs the section alone
+            from roost.bench import batch as bench_batch
+
+            batch_section = bench_batch.run(self.settings, model_uri, progress=self.progress)
         result = {
             "machine": machine(load_before, self.client_nice),
             "commit": git_commit(),
@@ -217,6 +222,8 @@ class Bench:
                        "config": "config/config.properties",
                        "archive": f"model-store/{export.mar.name}"},
         }  # fmt: skip
+        if batch_section is not None:
+            result["batch"] = batch_section
         result["targets"] = targets(result)
         return result
 
