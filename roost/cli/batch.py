@@ -5,7 +5,6 @@ Heavy libraries (torch, pyarrow, mlflow, pyspark) load inside the command, never
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, Any
 
 import typer
@@ -206,7 +205,6 @@ class RowProgress:
         self.show = show
         self._progress: Any = None
         self._task: Any = None
-        self._started = time.monotonic()
 
     def __enter__(self) -> RowProgress:
         if self.show:
@@ -222,25 +220,37 @@ class RowProgress:
                 TextColumn("[bold]scoring"),
                 BarColumn(),
                 TextColumn("{task.completed:,.0f} rows"),
-                TextColumn("{task.fields[rate]:,.0f} rows/s"),
+                _rows_per_second(),
                 TimeElapsedColumn(),
                 TextColumn("ETA"),
                 TimeRemainingColumn(),
                 console=console,
             )
             self._progress.start()
-            self._task = self._progress.add_task("batch", total=None, rate=0.0)
+            self._task = self._progress.add_task("batch", total=None)
         return self
 
     def update(self, rows: int, total: int | None) -> None:
         if self._progress is None:
             return
-        elapsed = max(time.monotonic() - self._started, 1e-9)
-        self._progress.update(self._task, completed=rows, total=total, rate=rows / elapsed)
+        self._progress.update(self._task, completed=rows, total=total)
 
     def __exit__(self, *exc: object) -> None:
         if self._progress is not None:
             self._progress.stop()
+
+
+def _rows_per_second() -> Any:
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class RowsPerSecond(ProgressColumn):  # type: ignore[misc]
+        """rich's own speed estimate (recent updates), in rows/s."""
+
+        def render(self, task: Any) -> Text:
+            return Text(f"{task.speed or 0:,.0f} rows/s")
+
+    return RowsPerSecond()
 
 
 def _pod_line(pod: str, line: str) -> None:
