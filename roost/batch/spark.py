@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Any
 
+from roost import config
 from roost.batch import plan, runner, sources
 from roost.config import Settings
 from roost.errors import MissingTool
@@ -40,11 +41,36 @@ def session(master: str) -> Any:
         .config("spark.sql.shuffle.partitions", "4")
     )
     if master.startswith("local"):
-        # Local Python workers run this interpreter (roost, torch and mlflow are here).
-        builder = builder.config("spark.pyspark.python", sys.executable).config(
-            "spark.pyspark.driver.python", sys.executable
-        )
+        # Local Python workers run this interpreter (roost, torch and mlflow are here), not
+        # the first python3 on PATH.
+        config.export_defaults(PYSPARK_PYTHON=sys.executable)
+        builder = builder.config("spark.pyspark.python", sys.executable)
     return builder.getOrCreate()
+
+
+def with_row_numbers(frame: Any) -> Any:
+    """Add ``row``: the row number in the file, 0-based, without moving data to one partition.
+
+    A file scan's partitions are in file order: row = rows in the partitions before + the
+    position inside the partition (monotonically_increasing_id keeps that order).
+    """
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    frame = frame.withColumn("_part", F.spark_partition_id()).withColumn(
+        "_order", F.monotonically_increasing_id()
+    )
+    sizes = sorted(
+        (int(r["_part"]), int(r["count"])) for r in frame.groupBy("_part").count().collect()
+    )
+    offsets: list[Any] = []
+    total = 0
+    for part, size in sizes:
+        offsets += [F.lit(part), F.lit(total)]
+        total += size
+    position = F.row_number().over(Window.partitionBy("_part").orderBy("_order")) - 1
+    offset = F.create_map(*offsets)[F.col("_part")] if offsets else F.lit(0)
+    return frame.withColumn("row", offset + position).drop("_part", "_order")
 
 
 def run(settings: Settings, input_uri: str, output_uri: str) -> dict[str, Any]:
@@ -58,7 +84,6 @@ def _score(
     spark: Any, settings: Settings, job: runner.Job, tracker: runner.Tracker
 ) -> dict[str, Any]:
     import mlflow.pyfunc
-    from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     spec = job.spec
@@ -72,8 +97,7 @@ def _score(
             frame = spark.read.option("header", True).option("multiLine", True).csv(path)
         else:
             frame = spark.read.json(path)
-        order = Window.orderBy(F.monotonically_increasing_id())
-        frame = frame.withColumn("row", F.row_number().over(order) - 1)
+        frame = with_row_numbers(frame)
         row_id = (
             F.col(spec.id_column).cast("string") if spec.id_column else F.col("row").cast("string")
         )
@@ -128,13 +152,15 @@ def _score(
         bad.select("id", "row", "source", "reason").orderBy("source", "row").write.mode(
             "overwrite"
         ).options(**options).format(writer_format).save(f"{out}/{plan.ERRORS_DIR}")
-    per_file = {int(r["file_index"]): int(r["count"])
-                for r in rows.groupBy("file_index").count().collect()}  # fmt: skip
+    counts = rows.groupBy("file_index").agg(
+        F.count(F.lit(1)).alias("rows"), F.count("reason").alias("errors")
+    )
+    per_file = {int(r["file_index"]): (int(r["rows"]), int(r["errors"])) for r in counts.collect()}
     rows.unpersist()
     seconds = time.monotonic() - started
     job.store.write_json(plan.JOB_FILE, spec.to_dict())  # a rerun may overwrite this output
     files = [
-        plan.FileResult(f.uri, sources.digest(f), f.size, rows=per_file.get(i, 0))
+        plan.FileResult(f.uri, sources.digest(f), f.size, *per_file.get(i, (0, 0)))
         for i, f in enumerate(job.files)
     ]
     summary = {
