@@ -133,15 +133,16 @@ def _score(
     udf = mlflow.pyfunc.spark_udf(
         spark, str(job.model.path), result_type=fields, env_manager="local"
     )
-    scored = good.withColumn("scores", udf(F.struct(F.col("text").alias("text")))).select(
+    # Sort before the UDF: the sort's sampling pass then reads the input, not the scores, so
+    # the model runs once per row.
+    ordered = good.orderBy("file_index", "row")
+    scored = ordered.withColumn("scores", udf(F.struct(F.col("text").alias("text")))).select(
         "id",
         "row",
         "scores.*",
         F.lit(spec.model_version).alias("model_version"),
         F.lit(spec.model_run_id).alias("model_run_id"),
-        "file_index",
     )
-    scored = scored.orderBy("file_index", "row").drop("file_index")
     writer_format = "json" if spec.format == "jsonl" else spec.format
     out = spark_path(job.store.uri)
     options = {"header": "true"} if spec.format == "csv" else {}

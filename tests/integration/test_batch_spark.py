@@ -22,7 +22,6 @@ pytestmark = pytest.mark.integration
 def test_spark_engine_gives_the_local_engines_labels(
     tmp_path: Path, settings: Settings, champion
 ) -> None:
-    pytest.importorskip("pyspark", reason="roost[spark] is not installed")
     texts = data.read_table(str(data.default_corpus_path()))["text"].astype(str).tolist()[:300]
     texts[7] = "   "  # a bad row: both engines send it to errors/
     src = tmp_path / "in.parquet"
