@@ -583,6 +583,48 @@ class MonitorSettings(_Section):
     lease_s: float = Field(60.0, gt=0, description="Watch: a silent watcher loses its lease.")
 
 
+class BatchSettings(_Section):
+    """Batch predictions (owned by roost.batch): ``roost batch`` reads files, writes scores.
+
+    Input and output are local paths or ``s3://`` URIs; the S3 endpoint comes from
+    ``AWS_ENDPOINT_URL`` (or ``MLFLOW_S3_ENDPOINT_URL``) as for the rest of roost.
+    """
+
+    model: str = Field(
+        "models:/sentiment@champion",
+        description="models:/NAME@ALIAS, models:/NAME/VERSION, a bare version number or a "
+        "model directory.",
+    )
+    text_column: str = Field("text", description="Column holding the text to score.")
+    id_column: str = Field(
+        "id", description="Column copied to the output as the row id; absent: the row number."
+    )
+    chunk_rows: int = Field(
+        20_000, gt=0, description="Rows per chunk: the unit of output files and of resuming."
+    )
+    forward_batch_size: int = Field(256, gt=0, description="Texts per forward pass.")
+    format: Literal["parquet", "csv", "jsonl"] = Field("parquet", description="Output format.")
+    max_error_rate: float = Field(
+        0.01, ge=0, le=1, description="Bad rows / all rows above which the job fails."
+    )
+    engine: Literal["local", "spark"] = Field("local", description="Scoring engine.")
+    spark_master: str = Field("local[*]", description="Spark master URL (--engine spark).")
+    shards: int = Field(1, ge=1, description="Input files are split into this many shards.")
+    shard_index: int | None = Field(
+        None,
+        ge=0,
+        description="Score only this shard (a pod of the Indexed Job); unset: all shards, "
+        "then the manifest and _SUCCESS.",
+    )
+    threads: int | None = Field(
+        None, gt=0, description="torch intra-op threads; default: the CPU limit."
+    )
+    experiment: str = Field("roost-batch", description="MLflow experiment of batch runs.")
+    job_timeout_s: float = Field(
+        86400.0, gt=0, description="How long `batch --on k8s` waits for its Job."
+    )
+
+
 class Settings(BaseSettings):
     """The whole configuration tree."""
 
@@ -607,6 +649,7 @@ class Settings(BaseSettings):
     tune: TuneSettings = TuneSettings()
     lineage: LineageSettings = LineageSettings()
     monitor: MonitorSettings = MonitorSettings()
+    batch: BatchSettings = BatchSettings()
 
     @model_validator(mode="after")
     def _mlflow_env(self) -> Settings:

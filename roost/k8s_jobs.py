@@ -44,10 +44,10 @@ class JobFailed(RoostError):
     http_status = 500
 
 
-def job_name(now: float | None = None) -> str:
+def job_name(now: float | None = None, prefix: str = "roost-train") -> str:
     """A fresh, sortable Job name: roost-train-20250101-120000-ab12."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now if now is not None else time.time()))
-    return f"roost-train-{stamp}-{secrets.token_hex(2)}"
+    return f"{prefix}-{stamp}-{secrets.token_hex(2)}"
 
 
 def _env_value(value: Any) -> str:

@@ -98,6 +98,11 @@ class Bench:
         ts_servers, sweep = self.servers.torchserve(export, texts, expected)
         servers += ts_servers
         self.raw_forward_again(raw)
+        batch_section = None
+        if not p.quick:  # 1M rows take a while; `roost bench batch` runs the section alone
+            from roost.bench import batch as bench_batch
+
+            batch_section = bench_batch.run(self.settings, model_uri, progress=self.progress)
         result = {
             "machine": report.machine(load_before, self.loader.client_nice),
             "commit": proc.git_commit(mark_dirty=True) or "unknown",
@@ -118,6 +123,8 @@ class Bench:
                        "config": "config/config.properties",
                        "archive": f"model-store/{export.mar.name}"},
         }  # fmt: skip
+        if batch_section is not None:
+            result["batch"] = batch_section
         result["targets"] = report.targets(result)
         return result
 

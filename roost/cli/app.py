@@ -102,6 +102,7 @@ def _register() -> None:
     # command function that needs them (annotations: under TYPE_CHECKING).
     # tests/unit/test_cli_startup.py fails when a start imports one of them.
     from roost.cli import (
+        batch,
         bench,
         cluster,
         demo,
@@ -130,6 +131,7 @@ def _register() -> None:
     app.command("tune-worker", hidden=True)(tune.worker)
     app.command("lineage", epilog=lineage.EPILOG)(lineage.lineage)
     app.add_typer(monitor.app, name="monitor")
+    app.add_typer(batch.app, name="batch")
 
 
 _register()

@@ -77,6 +77,57 @@ def bench(
     console.print(f"wrote {paths['json']}, {paths['table']}, {paths['plot']}")
 
 
+@app.command("batch")
+def batch(
+    ctx: typer.Context,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Output directory (default: bench-out).", show_default=False),
+    ] = None,
+    sizes: Annotated[
+        str, typer.Option(help="Comma-separated input sizes (rows) of generated Parquet files.")
+    ] = "100000,1000000",
+    version: VersionOpt = None,
+    alias: AliasOpt = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """Only the batch section: `roost batch` texts/s and peak RSS against the raw forward pass.
+
+    The section goes into OUT/bench.json (key "batch"), next to a full run's results.
+    """
+    import json
+
+    from roost.bench import batch as bench_batch
+    from roost.bench import report
+
+    try:
+        rows = sorted({int(s) for s in sizes.split(",") if s.strip()})
+    except ValueError:
+        raise typer.BadParameter(
+            "expected numbers like 100000,1000000", param_hint="--sizes"
+        ) from None
+    if not rows or rows[0] <= 0:
+        raise typer.BadParameter("expected positive numbers", param_hint="--sizes")
+    settings = state(ctx).settings(**{"bench.out_dir": out})
+    progress = (lambda message: None) if json_output else _progress
+    section = bench_batch.run(
+        settings, model_uri(settings, version, alias), rows, progress=progress
+    )
+    flags = ["--out", str(settings.bench.out_dir), "--sizes", ",".join(map(str, rows))]
+    flags += ["--version", version] if version else (["--alias", alias] if alias else [])
+    section["command"] = "roost bench batch " + shlex.join(flags)
+    path = settings.bench.out_dir / report.JSON_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = json.loads(path.read_text()) if path.is_file() else {}
+    document["batch"] = section
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    if json_output:
+        emit_json(section)
+        return
+    _batch_summary(section)
+    console.print(f"wrote the batch section to {path}")
+
+
 @app.command("export-torchserve")
 def export_torchserve(
     ctx: typer.Context,
@@ -153,6 +204,22 @@ def _progress(message: str) -> None:
     console.print(message, markup=False)
 
 
+def _batch_summary(section: dict[str, Any]) -> None:
+    table = Table(title=f"roost batch (model v{section['model_version']})")
+    for column in ("rows", "texts/s", "wall s", "peak RSS MB"):
+        table.add_column(column)
+    for size, run in section["sizes"].items():
+        table.add_row(
+            f"{int(size):,}", f"{run['texts_per_s']:,.0f}", f"{run['wall_s']:.1f}",
+            f"{run['peak_rss_mb']:.0f}",
+        )  # fmt: skip
+    table.add_row("raw forward", f"{section['raw_forward_texts_per_s']:,.0f}", "-", "-")
+    console.print(table)
+    for key, target in section["targets"].items():
+        verdict = "met" if target["met"] else "NOT met"
+        console.print(f"batch {key}: {target['value']} (target {target['target']}, {verdict})")
+
+
 def _summary(result: dict[str, Any]) -> None:
     slo = result["slo_p99_ms"]
     table = Table(title=f"{result['model_name']} v{result['model_version']} ({result['mode']})")
@@ -169,3 +236,5 @@ def _summary(result: dict[str, Any]) -> None:
     for key, target in result["targets"].items():
         verdict = "met" if target["met"] else "NOT met"
         console.print(f"{key}: {target['value']} (target {target['target']}, {verdict})")
+    if "batch" in result:
+        _batch_summary(result["batch"])

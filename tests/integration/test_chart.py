@@ -695,3 +695,40 @@ def test_crd_validation_catches_a_bad_logger_mode() -> None:
     assert not tools.crd_errors(isvc)
     isvc["spec"]["predictor"]["logger"]["mode"] = "everything"
     assert any("everything" in e or "mode" in e for e in tools.crd_errors(isvc))
+
+
+def batch_job(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    (cm,) = find(objects, "ConfigMap", "roost-templates")
+    return yaml.safe_load(cm["data"]["batch-job.yaml"])
+
+
+def test_batch_indexed_job_template(docs) -> None:
+    """`roost batch --on k8s` starts from this Job (schemas, pod security and checkov above
+    cover it with every other embedded template)."""
+    job = batch_job(docs["kind"])
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed"
+    assert (spec["completions"], spec["parallelism"], spec["backoffLimitPerIndex"]) == (4, 4, 3)
+    assert spec["template"]["spec"]["restartPolicy"] == "Never"
+    fail_fast = spec["podFailurePolicy"]["rules"][0]
+    assert fail_fast["action"] == "FailJob" and fail_fast["onExitCodes"]["values"] == [2, 3]
+    (container,) = spec["template"]["spec"]["containers"]
+    assert container["name"] == "batch" and container["args"] == ["batch"]
+    env = env_of(container)
+    # each pod scores the shard of its completion index
+    assert env["ROOST_BATCH__SHARD_INDEX"]["fieldRef"]["fieldPath"] == (
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    )
+    assert env["MLFLOW_TRACKING_URI"] == "http://roost-mlflow.roost.svc.cluster.local:5000"
+    assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://roost-minio.roost.svc.cluster.local:9000"
+    assert container["resources"]["requests"] == {"cpu": "2", "memory": "2Gi"}
+    labels = spec["template"]["metadata"]["labels"]
+    assert labels["app.kubernetes.io/component"] == "batch"
+    assert labels["roost.io/s3-access"] == "true" and labels["roost.io/mlflow-access"] == "true"
+    eks = batch_job(docs["eks"])["spec"]["template"]["spec"]
+    assert "AWS_ACCESS_KEY_ID" not in env_of(eks["containers"][0])  # IRSA instead
+    assert eks["serviceAccountName"] == "roost-batch"
+    (sa,) = find(docs["kind"], "ServiceAccount", "roost-batch")
+    assert sa["automountServiceAccountToken"] is False
+    # the values' shape is checked by the schema
+    assert "/batch/shards" in schema_error({"batch": {"shards": 0}})
