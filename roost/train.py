@@ -29,7 +29,8 @@ from torch import nn
 from roost import config, data, evaluation, storage, tracking
 from roost.classifier import TextClassifier
 from roost.config import ModelSettings, Settings, TrainSettings
-from roost.errors import NotFound
+from roost.errors import NotFound, TrackingUnavailable
+from roost.k8s_jobs import JOB_NAME_ENV, JOB_TAG
 from roost.model import build_model, parameter_count
 from roost.tokenizer import Tokenizer
 
@@ -391,7 +392,26 @@ def _log_inputs(splits: data.Splits) -> None:
 
 
 def run_training(settings: Settings, progress: TrainProgress | None = None) -> TrainOutcome:
-    """Load data, train, evaluate and record everything as one MLflow run."""
+    """Load data, train, evaluate and record everything as one MLflow run.
+
+    An MLflow failure at any point (down, 5xx, reset, timeout, a failed artifact upload)
+    ends it with :class:`roost.errors.TrackingUnavailable`; a checkpoint, if configured,
+    lets the rerun resume from the last finished epoch.
+    """
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _run_training(settings, progress)
+    except MlflowException as exc:
+        raise tracking.registry_error(exc, "recording the training run") from None
+    except requests.RequestException as exc:  # artifact uploads raise requests' own errors
+        raise TrackingUnavailable(
+            f"MLflow failed while recording the training run: {tracking.error_message(exc)}"
+        ) from None
+
+
+def _run_training(settings: Settings, progress: TrainProgress | None) -> TrainOutcome:
     import mlflow
 
     from roost import pyfunc
@@ -413,6 +433,9 @@ def run_training(settings: Settings, progress: TrainProgress | None = None) -> T
         if resume is None:
             mlflow.log_params(_params(settings, splits))
             tags = {"roost.kind": "train", "roost.data.source": splits.source}
+            job = config.environ(JOB_NAME_ENV)
+            if job:  # a Kubernetes Job: `roost train --on k8s` finds the run by this tag
+                tags[JOB_TAG] = job
             commit = git_commit()
             if commit:
                 tags["mlflow.source.git.commit"] = commit
