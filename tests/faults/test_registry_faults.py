@@ -67,6 +67,7 @@ def test_alias_read_failures_raise_never_none(
     inject(mlflow_proxy, fault, "GET", ALIAS)
     with pytest.raises(error) as raised:
         through.version_for_alias("champion")
+    assert type(raised.value) is error  # a refusal is exit 1, not "unavailable"
     assert f"{champion_v2.name}@champion" in str(raised.value)
     # The other reads that once turned any error into "nothing there" fail the same way.
     inject(mlflow_proxy, fault, "GET", endpoint("/api/2.0/mlflow/registered-models/get"))
