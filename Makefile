@@ -38,8 +38,8 @@ demo: venv ## Run the whole loop locally: MLflow, train, gate, canary, serve, pr
 
 .PHONY: test
 test: venv checkov apt-deps ## Install everything, then run unit, integration and e2e tests.
-	@echo ">> pytest (unit, integration, e2e, cluster; kind and gpu tests skip themselves without Docker/CUDA)"
-	$(VENV_PY) -m pytest -m "unit or integration or e2e or kind or gpu or cluster" $(PYTEST_ARGS)
+	@echo ">> pytest (unit, integration, e2e, cluster, faults; kind and gpu tests skip themselves without Docker/CUDA)"
+	$(VENV_PY) -m pytest -m "unit or integration or e2e or cluster or faults or kind or gpu" $(PYTEST_ARGS)
 
 .PHONY: clean
 clean: ## Stop local servers and remove .roost/ (MLflow store, runs, logs).

@@ -10,6 +10,7 @@ Layout of a classifier directory (inside an MLflow model it is ``artifacts/class
 from __future__ import annotations
 
 import json
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from roost.errors import NotFound
+from roost.errors import ModelUnreadable, NotFound
 from roost.model import NGramBag, build_model
 from roost.tokenizer import Tokenizer
 
@@ -87,16 +88,28 @@ class TextClassifier:
     def load(cls, directory: Path) -> TextClassifier:
         """Load from a classifier directory or any directory containing one (an MLflow model)."""
         root = find_classifier_dir(directory)
-        manifest = json.loads((root / MANIFEST).read_text())
-        tokenizer = Tokenizer.from_dict(json.loads((root / VOCAB).read_text()))
-        module = build_model(
-            manifest["arch"],
-            vocab_size=int(manifest["vocab_size"]),
-            num_classes=len(manifest["labels"]),
-            **manifest["hparams"],
-        )
-        state = torch.load(root / WEIGHTS, map_location="cpu", weights_only=True)
-        module.load_state_dict(state)
+        try:
+            manifest = json.loads((root / MANIFEST).read_text())
+            tokenizer = Tokenizer.from_dict(json.loads((root / VOCAB).read_text()))
+            module = build_model(
+                manifest["arch"],
+                vocab_size=int(manifest["vocab_size"]),
+                num_classes=len(manifest["labels"]),
+                **manifest["hparams"],
+            )
+            state = torch.load(root / WEIGHTS, map_location="cpu", weights_only=True)
+            module.load_state_dict(state)
+        except (
+            OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError,
+            pickle.UnpicklingError,
+        ) as exc:  # fmt: skip
+            # Truncated, corrupt or unreadable files: one line naming the directory, not a
+            # traceback (torch's unpickling errors are RuntimeError/EOFError/ValueError).
+            detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            raise ModelUnreadable(
+                f"cannot load the classifier in {root}: {type(exc).__name__}"
+                + (f": {detail}" if detail else "")
+            ) from None
         return cls(tokenizer, module, manifest["labels"], manifest["arch"], manifest["hparams"])
 
 

@@ -28,6 +28,13 @@ class DataError(RoostError):
     http_status = 400
 
 
+class ModelUnreadable(RoostError):
+    """A model's files are there but cannot be read (truncated, corrupt, wrong format)."""
+
+    exit_code = 2
+    http_status = 500
+
+
 class NotFound(RoostError):
     """A model, version, alias, run or object does not exist."""
 

@@ -3,8 +3,9 @@
 ``roost train --on k8s`` renames the chart's Job template (ConfigMap ``k8s.templates_configmap``,
 key ``training-job.yaml``), adds the caller's training settings as ``ROOST_*`` environment
 variables, creates it, streams its pods' logs (a retried pod's too: it resumes from the last
-checkpoint on S3) and waits for ``Complete`` or ``Failed``. The MLflow run id is read from the
-pod's last lines (``roost train``'s own summary).
+checkpoint on S3) and waits for ``Complete`` or ``Failed``. The training process tags its MLflow
+run with the Job's name (``roost.k8s.job``, from ``ROOST_JOB_NAME`` that the chart sets with the
+downward API); the CLI then finds the run with a tag search, never by reading the pod's log.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 from roost.config import Settings
-from roost.errors import ConfigError, RoostError, Timeout
+from roost.errors import ConfigError, RoostError, Timeout, Unavailable
 from roost.k8s import _api_error, _transport_error
 
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
@@ -27,12 +28,13 @@ CONTAINER = "train"
 # Sections of the settings a training pod needs; anything else is the cluster's business.
 TRAINING_SECTIONS = ("data", "model", "train")
 
-# `roost train`'s human output (roost/cli/train.py, roost/cli/output.py).
+# The run tag that ties a training run to its Job, and the variable the pod reads it from.
+JOB_TAG = "roost.k8s.job"
+JOB_NAME_ENV = "ROOST_JOB_NAME"
+EXPERIMENT_ENV = "ROOST_TRACKING__EXPERIMENT"
+
+# `roost train`'s epoch line, for the progress display only (roost/cli/output.py).
 EPOCH_LINE = re.compile(r"^\s*epoch (?P<epoch>\d+): train loss (?P<loss>[0-9.]+)")
-RUN_LINE = re.compile(
-    r"^run (?P<run_id>[0-9a-f]{32}): test accuracy (?P<acc>[0-9.]+), macro-F1 (?P<f1>[0-9.]+)"
-)
-RUN_URL_LINE = re.compile(r"^MLflow run: (?P<url>\S+)")
 
 Phase = Literal["running", "succeeded", "failed"]
 
@@ -171,28 +173,28 @@ def pod_waiting_reason(pod: dict[str, Any]) -> str:
 
 @dataclass
 class TrainingReport:
-    """What the logs said: progress, and the run that `roost train` recorded."""
+    """Progress seen in the logs (display only: the run's facts come from MLflow)."""
 
     epoch: int | None = None
     loss: float | None = None
-    run_id: str | None = None
-    test_accuracy: float | None = None
-    macro_f1: float | None = None
-    run_url: str | None = None
 
     def feed(self, line: str) -> bool:
         """Read one log line; True when it changed the report (pure)."""
         if m := EPOCH_LINE.match(line):
             self.epoch, self.loss = int(m["epoch"]), float(m["loss"])
             return True
-        if m := RUN_LINE.match(line):
-            self.run_id = m["run_id"]
-            self.test_accuracy, self.macro_f1 = float(m["acc"]), float(m["f1"])
-            return True
-        if m := RUN_URL_LINE.match(line):
-            self.run_url = m["url"]
-            return True
         return False
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """The MLflow run a Job recorded, found by its ``roost.k8s.job`` tag."""
+
+    run_id: str
+    experiment_id: str
+    status: str
+    test_accuracy: float | None
+    macro_f1: float | None
 
 
 @dataclass
@@ -204,21 +206,78 @@ class JobResult:
     report: TrainingReport = field(default_factory=TrainingReport)
     last_lines: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    run: TrainedRun | None = None
 
     def summary(self) -> dict[str, Any]:
+        run = self.run
         return {
             "job": self.name,
             "namespace": self.namespace,
             "succeeded": self.state.phase == "succeeded",
             "reason": self.state.reason or None,
             "pods": self.pods,
-            "run_id": self.report.run_id,
-            "run_url": self.report.run_url,
-            "test_accuracy": self.report.test_accuracy,
-            "test_macro_f1": self.report.macro_f1,
+            "run_id": run.run_id if run else None,
+            "experiment_id": run.experiment_id if run else None,
+            "test_accuracy": run.test_accuracy if run else None,
+            "test_macro_f1": run.macro_f1 if run else None,
             "epochs_seen": self.report.epoch,
             "seconds": round(self.seconds, 1),
         }
+
+
+def job_experiment(manifest: dict[str, Any]) -> str | None:
+    """The MLflow experiment the Job's pod logs to (its ROOST_TRACKING__EXPERIMENT)."""
+    for container in manifest["spec"]["template"]["spec"]["containers"]:
+        if container.get("name") != CONTAINER:
+            continue
+        for item in container.get("env") or []:
+            if item.get("name") == EXPERIMENT_ENV and item.get("value"):
+                return str(item["value"])
+    return None
+
+
+def find_run(tracking_uri: str, experiment: str, job: str) -> TrainedRun:
+    """The finished run tagged ``roost.k8s.job=<job>`` in ``experiment`` (a tag search).
+
+    A retried pod resumes the same run from its checkpoint, so there is one; if a restart
+    without a checkpoint made two, the latest finished one is the Job's result.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from roost.errors import NotFound
+    from roost.tracking import registry_error
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    doing = f"looking up the run of Job {job} (tag {JOB_TAG})"
+    try:
+        exp = client.get_experiment_by_name(experiment)
+        runs = (
+            client.search_runs(
+                [exp.experiment_id],
+                filter_string=f"tags.`{JOB_TAG}` = '{job}' and attributes.status = 'FINISHED'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+            if exp is not None
+            else []
+        )
+    except MlflowException as exc:
+        raise registry_error(exc, doing) from None
+    if not runs:
+        raise NotFound(
+            f"Job {job} succeeded but experiment {experiment!r} at {tracking_uri} has no finished "
+            f"run tagged {JOB_TAG}={job}: is this the MLflow server the Job logs to?"
+        )
+    run = runs[0]
+    metrics = run.data.metrics
+    return TrainedRun(
+        run_id=str(run.info.run_id),
+        experiment_id=str(run.info.experiment_id),
+        status=str(run.info.status),
+        test_accuracy=metrics.get("test_accuracy"),
+        macro_f1=metrics.get("test_macro_f1"),
+    )
 
 
 # -- API calls -------------------------------------------------------------------------------
@@ -344,9 +403,35 @@ def run_job(
     :class:`Timeout` (with the last pod state) after ``timeout_s``.
     """
     started = clock()
-    deadline = started + timeout_s
     submit_job(api, namespace, manifest)
     name = manifest["metadata"]["name"]
+    try:
+        return _follow_job(
+            api, namespace, name, started, timeout_s, poll_s, on_line, on_status, sleep, clock,
+            container,
+        )  # fmt: skip
+    except Unavailable as exc:
+        # The Job outlives this client: say so, and how to stop it, in the one error line.
+        raise type(exc)(
+            f"{exc}; Job {namespace}/{name} keeps running: kubectl -n {namespace} get job "
+            f"{name} to check on it, kubectl -n {namespace} delete job {name} to stop it"
+        ) from None
+
+
+def _follow_job(
+    api: Any,
+    namespace: str,
+    name: str,
+    started: float,
+    timeout_s: float,
+    poll_s: float,
+    on_line: LineHandler | None,
+    on_status: StatusHandler | None,
+    sleep: Callable[[float], None],
+    clock: Callable[[], float],
+    container: str,
+) -> JobResult:
+    deadline = started + timeout_s
     result = JobResult(name, namespace, JobState("running"))
     seen: dict[str, int] = {}  # pod -> log lines already shown (a re-follow skips them)
     finished: set[str] = set()

@@ -7,7 +7,6 @@ decision as tags on the new version and moves an alias only if the gate passes.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import tempfile
 import time
@@ -19,7 +18,8 @@ import pandas as pd
 
 from roost import data, descriptions, evaluation, proc, tracking, validation
 from roost.config import Settings
-from roost.errors import AliasNotFound, NotFound, RoostError
+from roost.errors import AliasNotFound, NotFound, RoostError, TrackingUnavailable
+from roost.tracking import is_absent, registry_error
 
 log = logging.getLogger(__name__)
 
@@ -117,17 +117,32 @@ class Registry:
         """Register ``model_uri`` as a new version (creating the model on first use)."""
         import mlflow
 
+        self._point_globals()
         version = mlflow.register_model(model_uri, self.name, tags=tags or {})
         _wait_ready(self.client, self.name, str(version.version))
         return str(version.version)
 
+    def _point_globals(self) -> None:
+        """mlflow's module-level calls (register, pyfunc load) use its globals: this server."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+
     def version_for_alias(self, alias: str) -> str | None:
+        """The version ``alias`` points at; None only when MLflow says the alias is not set.
+
+        Any other failure (a 5xx, a dropped connection, a timeout) raises: an unreadable
+        ``@champion`` must never read as "no champion", or the gate would pass anything.
+        """
         from mlflow.exceptions import MlflowException
 
         try:
             return str(self.client.get_model_version_by_alias(self.name, alias).version)
-        except MlflowException:
-            return None
+        except MlflowException as exc:
+            if is_absent(exc, "alias"):
+                return None
+            raise registry_error(exc, f"reading {self.name}@{alias}") from None
 
     def require_alias(self, alias: str) -> str:
         version = self.version_for_alias(alias)
@@ -143,9 +158,12 @@ class Registry:
     def delete_alias(self, alias: str) -> None:
         from mlflow.exceptions import MlflowException
 
-        # Deleting an absent alias is a no-op, as for any idempotent operation.
-        with contextlib.suppress(MlflowException):
+        try:
             self.client.delete_registered_model_alias(self.name, alias)
+        except MlflowException as exc:
+            if is_absent(exc, "alias"):
+                return  # deleting an absent alias is a no-op, as for any idempotent operation
+            raise registry_error(exc, f"deleting {self.name}@{alias}") from None
 
     def set_tags(self, version: str, tags: dict[str, str]) -> None:
         for key, value in tags.items():
@@ -156,16 +174,18 @@ class Registry:
 
         try:
             return self.client.get_model_version(self.name, version)
-        except MlflowException:
-            raise NotFound(f"registered model {self.name!r} has no version {version}") from None
+        except MlflowException as exc:
+            if is_absent(exc):
+                raise NotFound(f"registered model {self.name!r} has no version {version}") from None
+            raise registry_error(exc, f"reading {self.name} v{version}") from None
 
     def versions(self) -> list[Any]:
         from mlflow.exceptions import MlflowException
 
         try:
             found = self.client.search_model_versions(f"name='{self.name}'")
-        except MlflowException:
-            return []
+        except MlflowException as exc:
+            raise registry_error(exc, f"listing the versions of {self.name}") from None
         return sorted(found, key=lambda v: int(v.version))
 
     def aliases(self) -> dict[str, str]:
@@ -173,8 +193,10 @@ class Registry:
 
         try:
             model = self.client.get_registered_model(self.name)
-        except MlflowException:
-            return {}
+        except MlflowException as exc:
+            if is_absent(exc):
+                return {}  # no such model yet: it has no aliases
+            raise registry_error(exc, f"reading the aliases of {self.name}") from None
         return {alias: str(version) for alias, version in (model.aliases or {}).items()}
 
     def model_uri(self, version: str) -> str:
@@ -185,21 +207,20 @@ class Registry:
 
     def test_split(self, run_id: str) -> pd.DataFrame:
         """The held-out test split that training logged with ``run_id``."""
-        from mlflow.exceptions import MlflowException
 
         from roost.train import TEST_SPLIT_ARTIFACT
 
         with tempfile.TemporaryDirectory() as tmp:
-            try:
-                path = self.client.download_artifacts(run_id, TEST_SPLIT_ARTIFACT, tmp)
-            except MlflowException:
-                raise NotFound(f"run {run_id} has no {TEST_SPLIT_ARTIFACT} artifact") from None
+            path = tracking.download_artifact(self.client, run_id, TEST_SPLIT_ARTIFACT, tmp)
+            if path is None:
+                raise NotFound(f"run {run_id} has no {TEST_SPLIT_ARTIFACT} artifact")
             return pd.read_parquet(path)
 
     def predict(self, version: str, frame: pd.DataFrame) -> list[str]:
         """A version's labels for ``frame`` through ``mlflow.pyfunc``, as users load it."""
         import mlflow
 
+        self._point_globals()
         model = mlflow.pyfunc.load_model(self.model_uri(version))
         output = model.predict(pd.DataFrame({"text": frame[data.TEXT].tolist()}))
         return [str(label) for label in output["label"].tolist()]
@@ -259,12 +280,19 @@ def promote(
 
     try:
         run = registry.client.get_run(run_id)
-    except MlflowException:
-        raise NotFound(f"no MLflow run {run_id!r}") from None
+    except MlflowException as exc:
+        if is_absent(exc):
+            raise NotFound(f"no MLflow run {run_id!r}") from None
+        raise registry_error(exc, f"reading run {run_id}") from None
     model_uri = run.data.tags.get(MODEL_URI_TAG) or f"runs:/{run_id}/model"
     test = registry.test_split(run_id)
 
-    champion = registry.version_for_alias(cfg.champion_alias)
+    try:
+        champion = registry.version_for_alias(cfg.champion_alias)
+    except RoostError as exc:
+        # Fail closed: an unreadable champion is not "no champion".
+        exc.args = (f"{exc}; promotion stopped, nothing was registered and no alias moved",)
+        raise
     version = registry.register(model_uri, tags={"roost.source_run": run_id})
     truth = [str(label) for label in test[data.LABEL].tolist()]
     candidate_labels = registry.predict(version, test)
@@ -326,7 +354,12 @@ def download(model_uri: str, dst: Path) -> Path:
     try:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
     except MlflowException as exc:
-        raise NotFound(f"cannot resolve {model_uri}: {exc.message}") from None
+        if is_absent(exc):  # the server said: no such version / run
+            raise NotFound(f"cannot resolve {model_uri}: {exc.message}") from None
+        # MLflow words a failed file download (5xx, reset) as "does not exist": it is not.
+        raise TrackingUnavailable(
+            f"MLflow failed while downloading {model_uri}: {tracking.error_message(exc)}"
+        ) from None
 
 
 @dataclass(frozen=True)

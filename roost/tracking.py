@@ -15,12 +15,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from roost import config, proc
 from roost.config import Settings, TrackingSettings
-from roost.errors import TrackingUnavailable
+from roost.errors import RoostError, TrackingUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -198,3 +199,96 @@ def use(settings: Settings) -> str:
         MLFLOW_HTTP_REQUEST_TIMEOUT=str(int(settings.tracking.request_timeout_s * 3)),
     )
     return uri
+
+
+# -- MLflow's errors: "does not exist" versus everything else ------------------------------------
+
+# What MLflow's servers answer for an entity that is not there (a run, a version, a registered
+# model: RESOURCE_DOES_NOT_EXIST; an alias that is not set: INVALID_PARAMETER_VALUE with
+# "Registered model alias X not found."). tests/faults/test_registry_faults.py checks both
+# against a real server, so an MLflow upgrade that changes them fails there.
+_ABSENT_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST"})
+_ALIAS_ABSENT = "registered model alias "
+# Codes a server answers when it, not the request, is the problem.
+_SERVER_CODES = frozenset({"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"})
+
+
+def error_code(exc: BaseException) -> str:
+    return str(getattr(exc, "error_code", "") or "")
+
+
+def error_message(exc: BaseException) -> str:
+    text = str(getattr(exc, "message", None) or exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return first[:300]
+
+
+def is_absent(exc: BaseException, kind: str = "") -> bool:
+    """True only when the MLflow server said the thing does not exist.
+
+    Only a parsed answer of the server counts (``RestException``): MLflow's client reports a
+    5xx, a reset or a refused connection with other classes, and its artifact download
+    reports even those as RESOURCE_DOES_NOT_EXIST (see :func:`download_artifact`).
+    ``kind="alias"`` also accepts the answer for an alias that is not set, which comes as
+    INVALID_PARAMETER_VALUE, a code that otherwise means a bad request.
+    """
+    if not any(cls.__name__ == "RestException" for cls in type(exc).__mro__):
+        return False
+    code = error_code(exc)
+    text = error_message(exc).removeprefix(f"{code}: ").lower()
+    if code in _ABSENT_CODES:
+        return "not found" in text or "does not exist" in text
+    if kind == "alias" and code == "INVALID_PARAMETER_VALUE":
+        return text.startswith(_ALIAS_ABSENT) and text.rstrip(".").endswith("not found")
+    return False
+
+
+def download_artifact(client: Any, run_id: str, path: str, dst: str) -> str | None:
+    """Download one artifact of a run; None only if the run's listing says it is not there.
+
+    MLflow's download answers "Failed to download artifacts ... RESOURCE_DOES_NOT_EXIST"
+    for a missing file *and* for a 500 or a dropped connection, so the listing decides.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.download_artifacts(run_id, path, dst))
+    except MlflowException as exc:
+        failure = exc
+    parent = path.rsplit("/", 1)[0] if "/" in path else None
+    try:
+        listed = {item.path for item in client.list_artifacts(run_id, parent)}
+    except MlflowException as exc:
+        raise registry_error(exc, f"listing the artifacts of run {run_id}") from None
+    if path not in listed:
+        return None
+    raise TrackingUnavailable(
+        f"MLflow failed while downloading {path} of run {run_id}: {error_message(failure)}"
+    )
+
+
+def registry_error(exc: BaseException, doing: str) -> RoostError:
+    """An MLflow failure while ``doing`` something, as a RoostError with the right exit code.
+
+    The server failing (5xx, reset, timeout) is :class:`TrackingUnavailable` (exit 4); any
+    other refusal (permission, bad request) is a plain :class:`RoostError` (exit 1).
+    """
+    code = error_code(exc)
+    message = f"MLflow failed while {doing}: {error_message(exc)}"
+    if code in _SERVER_CODES or not code or _transport_failure(exc):
+        return TrackingUnavailable(message)
+    return RoostError(message)
+
+
+def _transport_failure(exc: BaseException) -> bool:
+    # MLflow wraps requests' errors ("Max retries exceeded", connection reset, read timeout)
+    # into MlflowException without a specific code.
+    text = str(exc)
+    return any(
+        marker in text
+        for marker in (
+            "Max retries exceeded", "Connection aborted", "Connection refused",
+            "Read timed out", "RemoteDisconnected", "ConnectionResetError",
+            "failed with error code 5",
+        )
+    )  # fmt: skip

@@ -29,7 +29,8 @@ from torch import nn
 from roost import config, data, evaluation, proc, storage, tracking
 from roost.classifier import TextClassifier
 from roost.config import ModelSettings, Settings, TrainSettings
-from roost.errors import NotFound
+from roost.errors import NotFound, TrackingUnavailable
+from roost.k8s_jobs import JOB_NAME_ENV, JOB_TAG
 from roost.model import build_model, parameter_count
 from roost.monitor import profile as monitor_profile
 from roost.tokenizer import Tokenizer
@@ -401,9 +402,9 @@ def provenance_tags() -> dict[str, str]:
         dirty = git_dirty()
         if dirty is not None:
             tags["roost.git_dirty"] = "true" if dirty else "false"
-    job = config.environ("ROOST_JOB_NAME")  # set by the chart's Job template
-    if job:
-        tags["roost.k8s.job"] = job
+    job = config.environ(JOB_NAME_ENV)  # set by the chart's Job template
+    if job:  # `roost train --on k8s` finds the run by this tag
+        tags[JOB_TAG] = job
     return tags
 
 
@@ -451,7 +452,35 @@ def run_training(
     ``splits`` (already loaded), ``run_id`` (an existing run to log into), ``tags`` (added to
     the run's, overriding them) and ``after_epoch`` (called after each epoch's metrics are
     logged; an exception from it stops training and propagates) serve ``roost tune``.
+
+    An MLflow failure at any point (down, 5xx, reset, timeout, a failed artifact upload)
+    ends it with :class:`roost.errors.TrackingUnavailable`; a checkpoint, if configured,
+    lets the rerun resume from the last finished epoch.
     """
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _run_training(
+            settings, progress, splits=splits, run_id=run_id, tags=tags, after_epoch=after_epoch
+        )
+    except MlflowException as exc:
+        raise tracking.registry_error(exc, "recording the training run") from None
+    except requests.RequestException as exc:  # artifact uploads raise requests' own errors
+        raise TrackingUnavailable(
+            f"MLflow failed while recording the training run: {tracking.error_message(exc)}"
+        ) from None
+
+
+def _run_training(
+    settings: Settings,
+    progress: TrainProgress | None,
+    *,
+    splits: data.Splits | None,
+    run_id: str | None,
+    tags: dict[str, str] | None,
+    after_epoch: Callable[[EpochStats], None] | None,
+) -> TrainOutcome:
     import mlflow
 
     from roost import pyfunc

@@ -15,10 +15,7 @@ export ROOST_K8S__NAMESPACE="${NAMESPACE}"
 
 say() { printf '\n>> %s\n' "$*"; }
 
-say "1/6 train: a Job from the chart's template, logs streamed, the MLflow run reported"
-"${ROOST}" train --on k8s --epochs "${EPOCHS}" --max-rows 6000
-
-say "2/6 MLflow on 127.0.0.1:${MLFLOW_PORT} (kubectl port-forward svc/${RELEASE}-mlflow)"
+say "1/6 MLflow on 127.0.0.1:${MLFLOW_PORT} (kubectl port-forward svc/${RELEASE}-mlflow)"
 kubectl -n "${NAMESPACE}" port-forward "svc/${RELEASE}-mlflow" "${MLFLOW_PORT}:5000" >/dev/null 2>&1 &
 forward=$!
 trap 'kill "${forward}" 2>/dev/null || true' EXIT
@@ -28,6 +25,9 @@ for _ in $(seq 60); do
   sleep 1
 done
 "${ROOST}" mlflow status
+
+say "2/6 train: a Job from the chart's template, logs streamed, its run found in MLflow by tag"
+"${ROOST}" train --on k8s --epochs "${EPOCHS}" --max-rows 6000
 
 say "3/6 register the run's model and gate it (promote -> @champion)"
 version="$("${ROOST}" promote --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["version"])')"

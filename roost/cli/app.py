@@ -32,7 +32,10 @@ class RoostGroup(TyperGroup):
         except Exception as exc:
             mlflow_errors = sys.modules.get("mlflow.exceptions")
             if mlflow_errors is not None and isinstance(exc, mlflow_errors.MlflowException):
-                _fail(f"MLflow: {exc.message}", 1)
+                from roost.tracking import registry_error
+
+                error = registry_error(exc, "answering")  # exit 4 if the server failed
+                _fail(f"MLflow: {exc.message}", error.exit_code)
             raise
 
 

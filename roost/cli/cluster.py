@@ -12,7 +12,7 @@ from rich.table import Table
 
 from roost.cli.context import state
 from roost.cli.output import JsonFlag, console, emit_json, interactive
-from roost.errors import ConfigError
+from roost.errors import ConfigError, RoostError
 from roost.monitor.deploy import with_logger
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ RUNTIME_TORCHSERVE = "torchserve"
 
 def train_on_k8s(settings: Settings, json_output: bool) -> None:
     """Run training as a Job from the chart's template; stream logs; report the MLflow run."""
-    from roost import k8s, k8s_jobs
+    from roost import k8s, k8s_jobs, tracking
 
     cfg = settings.k8s
     env = k8s_jobs.training_env(settings)  # bad flags fail before anything is created
@@ -92,23 +92,28 @@ def train_on_k8s(settings: Settings, json_output: bool) -> None:
     finally:
         if spinner is not None:
             spinner.stop()
+    # The run is found by its tag in MLflow (the Job's name), never read from the log.
+    experiment = k8s_jobs.job_experiment(manifest) or settings.tracking.experiment
+    try:
+        uri = tracking.resolve_uri(settings)
+    except RoostError as exc:
+        raise type(exc)(f"Job {cfg.namespace}/{name} succeeded, but {exc}") from None
+    result.run = k8s_jobs.find_run(uri, experiment, name)
     if json_output:
         emit_json(result.summary())
         return
-    found = result.report
+    run = result.run
     console.print(
         f"Job [bold]{name}[/] succeeded in {result.seconds:.0f}s"
         + (f" after {len(result.pods)} attempts" if len(result.pods) > 1 else "")
     )
-    if found.run_id:
-        console.print(
-            f"MLflow run [bold]{found.run_id}[/]: test accuracy {found.test_accuracy:.4f}, "
-            f"macro-F1 {found.macro_f1:.4f}"
-            + (f" ({found.run_url}, in-cluster URL)" if found.run_url else "")
-        )
-        console.print(f"next: roost promote --run-id {found.run_id}")
-    else:
-        console.print("the pod's log had no run summary: look up the run in MLflow")
+    accuracy = "?" if run.test_accuracy is None else f"{run.test_accuracy:.4f}"
+    macro_f1 = "?" if run.macro_f1 is None else f"{run.macro_f1:.4f}"
+    console.print(
+        f"MLflow run [bold]{run.run_id}[/]: test accuracy {accuracy}, macro-F1 {macro_f1} "
+        f"({uri}/#/experiments/{run.experiment_id}/runs/{run.run_id})"
+    )
+    console.print(f"next: roost promote --run-id {run.run_id}")
 
 
 # -- roost deploy ----------------------------------------------------------------------------

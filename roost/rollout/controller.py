@@ -26,7 +26,15 @@ from typing import Any
 
 from roost import proc
 from roost.config import Settings
-from roost.errors import Conflict, NotFound, RolloutAborted, RoostError, Timeout, Unavailable
+from roost.errors import (
+    Conflict,
+    NotFound,
+    RolloutAborted,
+    RoostError,
+    Timeout,
+    TrackingUnavailable,
+    Unavailable,
+)
 from roost.rollout import engine
 from roost.rollout.analysis import analyse
 from roost.rollout.backends.base import Backend, CanaryFailed, Readiness, owner_id
@@ -408,8 +416,13 @@ def _signature(model_uri: str) -> dict[str, Any] | None:
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from roost.tracking import registry_error
+
     try:
         info = mlflow.models.get_model_info(model_uri)
-    except (MlflowException, OSError):
-        return None
+    except MlflowException as exc:
+        # Unreadable is not "no signature": the check would pass a mismatched challenger.
+        raise registry_error(exc, f"reading the signature of {model_uri}") from None
+    except OSError as exc:
+        raise TrackingUnavailable(f"cannot read the signature of {model_uri}: {exc}") from None
     return None if info.signature is None else dict(info.signature.to_dict())

@@ -76,9 +76,10 @@ class Recorder:
             if experiment is None:
                 try:
                     return str(client.create_experiment(name))
-                except MlflowException:  # created concurrently
+                except MlflowException:  # created concurrently?
                     experiment = client.get_experiment_by_name(name)
-            assert experiment is not None
+                    if experiment is None:
+                        raise  # no: the create itself failed
             return str(experiment.experiment_id)
 
         experiment_id = self._call(create)
@@ -176,8 +177,10 @@ class Recorder:
         run_id = latest.tags[f"{engine.TAG}.run_id"]
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                path = reg.client.download_artifacts(run_id, ARTIFACT, tmp)
-            except MlflowException:
+                path = tracking.download_artifact(reg.client, run_id, ARTIFACT, tmp)
+            except MlflowException as exc:
+                raise TrackingUnavailable(f"MLflow call failed: {exc.message}") from None
+            if path is None:
                 return None
             document = json.loads(Path(path).read_text())
         return RolloutState.from_dict(document["state"]) if "state" in document else None

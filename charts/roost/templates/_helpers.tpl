@@ -531,8 +531,6 @@ spec:
               value: /home/roost
             - name: TMPDIR
               value: /tmp
-            - name: COLUMNS
-              value: "160"
             - name: PYTHONUNBUFFERED
               value: "1"
             {{- include "roost.s3Env" $ctx | nindent 12 }}
