@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,12 +76,29 @@ class Trained:
 def trained(stack: Stack, api: dict[str, Any]) -> Trained:
     """`roost train --on k8s` builds the Job; its pod runs, is SIGKILLed, and a retry resumes."""
     replay: ReplayServer = api["replay"]
+    # The Job runs while the CLI watches it, as in a cluster: "running" until its pods (the
+    # processes below) are done, then "complete"; the CLI then finds the pods' MLflow run by
+    # its roost.k8s.job tag on the (port-forwarded, here loopback) MLflow server.
     replay.on("POST", JOBS, Reply.file("job-created.json", 201))
-    replay.on("GET", JOB, Reply.file("job-complete.json"))
-    replay.on("GET", PODS, Reply.file("pods-succeeded.json"))
+    replay.on("GET", JOB, Reply.file("job-running.json"))
+    replay.on("GET", PODS, Reply.file("pods-running.json"))
     replay.on("GET", LOG, Reply.file("pod-log-success.txt"))
-    cli({"KUBECONFIG": str(api["kubeconfig"])}, "train", "--on", "k8s",
-        "--epochs", str(EPOCHS), "--max-rows", str(ROWS), "--json")  # fmt: skip
+    env = {"KUBECONFIG": str(api["kubeconfig"]), "MLFLOW_TRACKING_URI": stack.mlflow_uri,
+           "ROOST_K8S__POLL_S": "0.5"}  # fmt: skip
+    outcome: list[str | BaseException] = []
+
+    def submit() -> None:
+        try:
+            outcome.append(cli(env, "train", "--on", "k8s", "--epochs", str(EPOCHS),
+                               "--max-rows", str(ROWS), "--json"))  # fmt: skip
+        except BaseException as exc:  # the assertion, handed to the test thread
+            outcome.append(exc)
+
+    watcher = threading.Thread(target=submit, daemon=True)
+    watcher.start()
+    wait_for(lambda: replay.calls("POST", JOBS) or outcome, 120, "the Job's submission")
+    if outcome:  # the CLI ended before it submitted anything
+        raise AssertionError(f"roost train --on k8s: {outcome[0]}")
     body = replay.calls("POST", JOBS)[-1].json()
     cm_path = stack.runner.rendered.get("ConfigMap", f"{RELEASE}-templates").path
     job = Manifest(f"{cm_path}#training-job.yaml (as `roost train --on k8s` sent it)", body)
@@ -103,6 +121,16 @@ def trained(stack: Stack, api: dict[str, Any]) -> Trained:
     # The Job controller's retry: a new pod (fresh emptyDirs), the same Job name and env.
     second = runner.start(runner.container(job, labels=job_labels(name), pod=f"{name}-b2"))
     second.wait_exit(600)
+    # The Job controller marks the Job complete; the CLI sees it and looks up the run.
+    replay.on("GET", JOB, Reply.file("job-complete.json"))
+    replay.on("GET", PODS, Reply.file("pods-succeeded.json"))
+    replay.routes[:] = replay.routes[-2:] + replay.routes[:-2]  # the new answers come first
+    watcher.join(300)
+    assert outcome, "roost train --on k8s did not finish after the Job completed"
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    summary = json.loads(outcome[0])
+    assert summary["succeeded"] and summary["run_id"], summary
     return Trained(job, first, second, key, bucket)
 
 
