@@ -37,7 +37,11 @@ class LoggedRequest:
 
 def find_request(settings: Settings, request_id: str) -> LoggedRequest:
     """The logged request ``request_id``: which model and version answered it."""
+    from roost.monitor.local import store_dir
+
     store = settings.lineage.payload_store
+    if not store and (store_dir(settings) / "events").is_dir():
+        store = str(store_dir(settings))  # the local receiver's store (`roost monitor up`)
     if not store:
         raise PayloadLoggingNotConfigured(
             f"{NOT_CONFIGURED}: set lineage.payload_store (ROOST_LINEAGE__PAYLOAD_STORE) to the "
@@ -46,9 +50,16 @@ def find_request(settings: Settings, request_id: str) -> LoggedRequest:
     root = Path(store)
     if not root.is_dir():
         raise NotFound(f"payload store {root} does not exist")
+    if (root / "events").is_dir():  # the receiver's layout: events/ beside journal/, feedback/
+        root = root / "events"
+    import pyarrow as pa
     import pyarrow.dataset as ds
 
-    dataset = ds.dataset(str(root), format="parquet", partitioning="hive")
+    # Partition values are strings (a version "4" is not the integer 4; the receiver's files
+    # also carry model and version as string columns).
+    keys = ds.partitioning(pa.schema([("model", pa.string()), ("version", pa.string())]),
+                           flavor="hive")  # fmt: skip
+    dataset = ds.dataset(str(root), format="parquet", partitioning=keys)
     names = set(dataset.schema.names)
     id_column = next((c for c in ID_COLUMNS if c in names), None)
     if id_column is None or not {"model", "version"} <= names:

@@ -236,3 +236,34 @@ def test_tree_renders_every_section_and_the_missing_facts() -> None:
                      "champion v1 0.7100", "rollouts (0)", "no cluster configured",
                      "tuning study", "none recorded", "no git commit recorded"):  # fmt: skip
         assert expected in text, expected
+
+
+def test_request_lookup_reads_the_receivers_own_store(tmp_path: Path) -> None:
+    """The store `roost monitor serve` writes (events/ beside journal/ and feedback/) is found
+    from the monitor's settings, and a request names the version its response carried."""
+    import orjson
+
+    from roost.monitor import events, journal
+
+    attrs = {"inferenceservicename": "sentiment", "endpoint": "default"}
+    request = {"id": "r-7", "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES",
+                                        "data": ["fine"]}]}  # fmt: skip
+    records = [
+        journal.Record(
+            "r-7", events.REQUEST_TYPE, 1.0, attributes=attrs, data=orjson.dumps(request)
+        ),
+        journal.Record(
+            "r-7",
+            events.RESPONSE_TYPE,
+            1.1,
+            attributes={**attrs, events.VERSION_EXTENSION: "4"},
+            data=orjson.dumps({"id": "r-7", "model_version": "4", "outputs": []}),
+        ),
+        journal.Record.feedback("r-7", "positive", 2.0),
+    ]
+    journal.write_parts(tmp_path, 1, records)
+    (tmp_path / "journal").mkdir()
+    (tmp_path / "journal" / "segment-2.jsonl").write_text("{}\n")
+    settings = load_settings(None, {"monitor": {"store": str(tmp_path)}})
+    found = find_request(settings, "r-7")
+    assert (found.model, found.version) == ("sentiment", "4")
