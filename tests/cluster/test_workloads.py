@@ -317,3 +317,48 @@ def test_rollout_controller_starts_and_watches(stack: Stack, api: dict[str, Any]
     assert "watching sentiment@challenger" in log
     assert "waiting:" not in log, log  # MLflow and the API answered every pass
     controller.stop()
+
+
+# -- the monitor's receiver -------------------------------------------------------------------
+
+
+def test_monitor_receiver_takes_events_at_the_url_the_isvc_logger_renders(stack: Stack) -> None:
+    """The receiver Deployment starts with its rendered args, answers its probes, and takes
+    KServe-format CloudEvents at the URL the InferenceService template's logger names."""
+    import httpx
+
+    runner = stack.runner
+    deployment = runner.rendered.get("Deployment", f"{RELEASE}-monitor")
+    service = runner.rendered.get("Service", f"{RELEASE}-monitor")
+    local = runner.loopback.bind(service.name, int(service.doc["spec"]["ports"][0]["port"]))
+    (spec_container,) = deployment.doc["spec"]["template"]["spec"]["containers"]
+    container = runner.container(
+        deployment, ports={int(spec_container["ports"][0]["containerPort"]): local}
+    )
+    receiver = runner.start(container)
+    receiver.wait_ready(180)
+
+    cm = runner.rendered.get("ConfigMap", f"{RELEASE}-templates").doc
+    template = yaml.safe_load(cm["data"]["inferenceservice.yaml"])
+    url = runner.loopback.rewrite(template["spec"]["predictor"]["logger"]["url"])
+    assert url.startswith(f"http://127.0.0.1:{local}"), url
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-id": "cluster-1",
+        "ce-type": "org.kubeflow.serving.inference.request",
+        "ce-source": "http://localhost:9081/",
+        "ce-inferenceservicename": "sentiment",
+        "ce-namespace": NS,
+        "ce-component": "predictor",
+        "ce-endpoint": "default",
+        "content-type": "application/json",
+    }
+    body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["fine"]}]}
+    ok = httpx.post(url, headers=headers, json=body, timeout=30)
+    assert ok.status_code < 300, ok.text
+    missing_id = httpx.post(
+        url, headers={k: v for k, v in headers.items() if k != "ce-id"}, json=body, timeout=30
+    )
+    assert missing_id.status_code == 400 and "ce-id" in missing_id.json()["error"]
+    assert receiver.alive()
+    receiver.stop()
