@@ -234,7 +234,11 @@ def _summary(result: dict[str, Any]) -> None:
     table.add_row("raw forward", "-", str(raw["batch_size"]), f"{raw['max_seq_per_s']:.0f}", "-")
     console.print(table)
     for key, target in result["targets"].items():
-        verdict = "met" if target["met"] else "NOT met"
+        verdict = (
+            f"not measured: {target.get('reason')}"
+            if target["met"] is None
+            else ("met" if target["met"] else "NOT met")
+        )
         console.print(f"{key}: {target['value']} (target {target['target']}, {verdict})")
     if "batch" in result:
         _batch_summary(result["batch"])

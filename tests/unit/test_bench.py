@@ -238,3 +238,32 @@ def test_raw_forward_leaves_out_batches_larger_than_the_sample() -> None:
     rates = raw_forward(lambda texts: np.zeros((len(texts), 3)), ["a"] * 10, (1, 8, 64), 0.01)
     assert set(rates) == {1, 8}
     assert all(rate > 0 for rate in rates.values())
+
+
+def test_targets_name_what_a_run_could_not_measure() -> None:
+    """A TorchServe that passed no ladder step leaves its ratio unmeasured, with the reason."""
+    from roost.bench.report import targets
+
+    def server(name: str, protocol: str, rps: float) -> dict[str, object]:
+        return {
+            "name": name,
+            "protocol": protocol,
+            "texts_per_request": 1,
+            "max_rps_p99_50ms": rps,
+            "max_seq_per_s_p99_50ms": rps,
+            "cold_start_s": 1.5,
+        }
+
+    result = {
+        "servers": [
+            server("roost", "rest-v2", 4000.0),
+            server("torchserve", "rest", 0.0),
+            server("roost+payload-logging", "rest-v2", 3800.0),
+        ],
+        "raw_forward": {"max_seq_per_s": 10000.0},
+    }
+    out = targets(result)
+    assert out["roost_vs_torchserve"]["met"] is None
+    assert "torchserve rest passed no ladder step" in out["roost_vs_torchserve"]["reason"]
+    assert out["payload_logging_kept"] == {"value": 0.95, "target": 0.9, "met": True}
+    assert out["cold_start"]["met"] is True
