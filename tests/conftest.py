@@ -36,6 +36,24 @@ def _clean_env() -> None:
 _clean_env()
 
 
+# What mlflow.set_tracking_uri / set_registry_uri / set_experiment export to os.environ.
+MLFLOW_EXPORTS = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_REGISTRY_URI",
+    "MLFLOW_EXPERIMENT_ID",
+    "MLFLOW_EXPERIMENT_NAME",
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_inherited_mlflow_env_in_module_fixtures() -> None:
+    """A module's own fixtures (they run before any function-scoped one) start without what
+    an earlier module's in-process MLflow calls exported: a subprocess they start (a demo,
+    a server) must find the server it is told about, not a stopped one from before."""
+    for name in MLFLOW_EXPORTS:
+        os.environ.pop(name, None)
+
+
 @pytest.fixture(autouse=True)
 def _no_inherited_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
     """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI; session fixtures call it.
@@ -43,7 +61,8 @@ def _no_inherited_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
     Every test starts without it, so a subprocess or CLI call under test finds the server
     it is told about (flag, settings, state dir), never the one a fixture happened to use.
     """
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for name in MLFLOW_EXPORTS:
+        monkeypatch.delenv(name, raising=False)
 
 
 def make_settings(state_dir: Path, tracking_uri: str | None = None, **sections: dict) -> Settings:
