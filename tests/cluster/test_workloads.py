@@ -155,7 +155,11 @@ def test_training_resumes_into_one_run_with_the_model_under_the_artifact_root(
     # The retried pod picked up the killed pod's run from the checkpoint: one run, finished.
     assert [r.info.status for r in runs] == ["FINISHED"], [r.info for r in runs]
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss")]
-    assert steps == sorted(set(steps)) and steps[0] == 1, steps  # no epoch trained twice
+    # Epoch 1 was checkpointed before the kill, so the retry resumed after it and never
+    # trained it again. The killed pod may have logged epoch 2 before its own checkpoint of
+    # it landed; the retry then trains and logs epoch 2 again (at-least-once, as in a cluster).
+    assert steps[0] == 1 and steps.count(1) == 1, steps
+    assert set(steps) == set(range(1, EPOCHS + 1)) and steps == sorted(steps), steps
     # The server keeps artifacts under the chart's --artifacts-destination (s3://roost/mlflow).
     destination = stack.mlflow.container.argv[
         stack.mlflow.container.argv.index("--artifacts-destination") + 1
