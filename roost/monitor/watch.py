@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import fcntl
 import json
 import logging
 import os
@@ -38,7 +37,7 @@ from typing import Any
 from roost.config import MonitorSettings, Settings
 from roost.errors import Conflict
 from roost.monitor.report import BREACH, OK, Window
-from roost.rollout.store import atomic_write
+from roost.rollout.store import atomic_write, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -155,13 +154,8 @@ class StateFile:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with open(self.lock_file, "a") as handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        with file_lock(self.lock_file):
+            yield
 
     def _read(self) -> WatchState:
         try:

@@ -55,6 +55,18 @@ def check_revision(current: RolloutState | None, state: RolloutState) -> None:
         )
 
 
+@contextlib.contextmanager
+def file_lock(lock_file: Path) -> Iterator[None]:
+    """An exclusive flock on ``lock_file`` (created with its directory), across processes."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def atomic_write(path: Path, text: str) -> None:
     """Write ``text`` so that a reader (or a crash) sees the old or the new file, never half."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -77,13 +89,8 @@ class FileStore:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with open(self.lock_file, "a") as handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        with file_lock(self.lock_file):
+            yield
 
     def _read(self) -> RolloutState | None:
         try:
