@@ -28,13 +28,23 @@ TIMEOUT_S = 2.0
 
 
 def server_records(state_dir: Path) -> list[dict[str, Any]]:
-    """Background model servers recorded under ``state_dir/servers`` (live or not)."""
+    """Background model servers recorded under ``state_dir/servers``.
+
+    A record whose process is gone (a server killed without its stop path, e.g. SIGKILL or a
+    reboot) is deleted here, so stale files do not pile up; a live pid's record is kept even if
+    its server does not answer (``loaded_version`` decides that).
+    """
     out = []
     for path in sorted((state_dir / SERVERS_DIR).glob("*.json")):
         try:
-            out.append(json.loads(path.read_text()))
+            record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
+        pid = record.get("pid") if isinstance(record, dict) else None
+        if isinstance(pid, int) and not proc.pid_alive(pid):
+            path.unlink(missing_ok=True)
+            continue
+        out.append(record)
     return out
 
 

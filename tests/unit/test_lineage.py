@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -267,3 +270,21 @@ def test_request_lookup_reads_the_receivers_own_store(tmp_path: Path) -> None:
     settings = load_settings(None, {"monitor": {"store": str(tmp_path)}})
     found = find_request(settings, "r-7")
     assert (found.model, found.version) == ("sentiment", "4")
+
+
+def test_server_records_prune_the_record_of_a_dead_process(tmp_path: Path) -> None:
+    from roost.lineage.local import server_records
+    from roost.serving.local import SERVERS_DIR
+
+    directory = tmp_path / SERVERS_DIR
+    directory.mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (directory / f"{gone.pid}.json").write_text(json.dumps({"pid": gone.pid, "name": "gone"}))
+    (directory / f"{os.getpid()}.json").write_text(json.dumps({"pid": os.getpid(), "name": "me"}))
+    (directory / "broken.json").write_text("{not json")
+
+    assert [r["name"] for r in server_records(tmp_path)] == ["me"]
+    assert not (directory / f"{gone.pid}.json").exists()
+    assert (directory / f"{os.getpid()}.json").exists()
+    assert (directory / "broken.json").exists()  # unreadable: left for a person, never guessed at
