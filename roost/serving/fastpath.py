@@ -535,6 +535,14 @@ class FastServicer(InferenceServicer):  # type: ignore[misc]
             )
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:  # gRPC's method name
+        return await self.infer(request, context)
+
+    async def infer(self, request: Any, context: Any, stream: bool = False) -> Any:
+        """One ``ModelInferRequest``'s answer; errors raise (the caller maps them).
+
+        ``stream``: a request of ``ModelStreamInfer`` (its metadata was sent already, so
+        the payload event id travels only in the response's ``id``).
+        """
         start = time.perf_counter()
         model = self.model
         self._version(request.model_name, request.model_version)
@@ -560,7 +568,8 @@ class FastServicer(InferenceServicer):  # type: ignore[misc]
             model.name, model.version, event_id, model.labels, names, proba
         )
         if payload is not None:  # roost.monitor: log it, and name the events in the metadata
-            await context.send_initial_metadata(((events.EVENT_ID_HEADER, event_id),))
+            if not stream:
+                await context.send_initial_metadata(((events.EVENT_ID_HEADER, event_id),))
             payload.log_grpc(event_id, texts, model, names, proba)
         self.meters.record(start, decoded, predicted, time.perf_counter())
         return response

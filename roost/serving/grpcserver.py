@@ -13,14 +13,16 @@ UNKNOWN for an undecodable message, INTERNAL for a bad ``raw_input_contents`` an
 
 :class:`RoostGRPCServer` starts grpc.aio with roost's connection limits: the HTTP/2
 handshake timeout (a connection that sends nothing is closed), keepalive pings, and idle
-connections closed after ``serving.grpc_idle_timeout_s``.
+connections closed after ``serving.grpc_idle_timeout_s``, and Triton's bidirectional
+``ModelStreamInfer`` (:class:`StreamInfer`) next to KServe's unary methods.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -39,6 +41,7 @@ from kserve.protocol.grpc.server import GRPCServer
 
 from roost.config import ServingSettings
 from roost.serving import codec
+from roost.serving.wire import SERVICE, stream_response
 
 if TYPE_CHECKING:
     from roost.serving.predictor import SentimentModel
@@ -74,23 +77,22 @@ CLIENT_CODES = frozenset(
 )
 
 
-class RoostInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
-    """Decoding errors, error mapping and the in-flight bound (see the module docstring)."""
+class RoostInterceptor:
+    """Decoding errors, error mapping and the in-flight bound (see the module docstring).
+
+    Not a grpc.aio ``ServerInterceptor``: grpc runs those on every call (a coroutine, and
+    here a new handler with two closures per call). :meth:`wrap` wraps each method's
+    handler once, when the server starts.
+    """
 
     def __init__(self, max_inflight: int, pushback_ms: int) -> None:
         self.max_inflight = max_inflight
         self.pushback_ms = pushback_ms
         self.inflight = 0
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or handler.unary_unary is None:
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if handler.unary_unary is None:
             return handler
-        method = details.method.rsplit("/", 1)[-1]
         deserialize = handler.request_deserializer
         behavior = handler.unary_unary
         shed = method == "ModelInfer"
@@ -139,6 +141,140 @@ class RoostInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         await context.abort(code, reason)
 
 
+# -- Triton's ModelStreamInfer --------------------------------------------------------------
+
+
+Infer = Callable[[Any, Any, bool], Awaitable[Any]]
+
+
+class StreamInfer:
+    """``ModelStreamInfer``: a stream of ``ModelInferRequest``, one ``ModelStreamInferResponse``
+    per request, in the order they are answered (the response's ``id`` names its request).
+
+    Requests of one stream run concurrently (they share batches with each other and with
+    unary calls), at most ``max_inflight`` at a time: past it the stream is not read, so
+    HTTP/2 flow control slows the client down. A failed request is answered in the stream
+    with ``error_message`` (Triton's behaviour): the stream stays open for the next ones.
+    """
+
+    def __init__(self, infer: Infer, max_inflight: int) -> None:
+        self.infer = infer
+        self.max_inflight = max_inflight
+
+    async def handle(
+        self, requests: AsyncIterator[Any], context: aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        """The method (grpc.aio tells an async generator function from its signature)."""
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue[bytes | None] = asyncio.Queue()
+        room = asyncio.Semaphore(self.max_inflight)
+        running: set[asyncio.Task[None]] = set()
+
+        async def one(request: Any) -> None:
+            try:
+                response = await self.infer(request, context, True)
+                data = stream_response(response.SerializeToString())
+            except Exception as exc:
+                data = self._error(request, exc)
+            finally:
+                room.release()
+            out.put_nowait(data)
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    if isinstance(request, Undecodable):
+                        log.info("client error grpc_method=ModelStreamInfer code=%s reason=%s",
+                                 "INVALID_ARGUMENT", request.reason)  # fmt: skip
+                        out.put_nowait(stream_response(b"", codec.show(request.reason)))
+                        continue
+                    await room.acquire()
+                    task = loop.create_task(one(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                while running:
+                    await asyncio.wait(set(running))
+            finally:
+                out.put_nowait(None)
+
+        reader = loop.create_task(read())
+        try:
+            while (data := await out.get()) is not None:
+                yield data
+            await reader  # a broken stream (client gone, transport error) ends the call
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+
+    @staticmethod
+    def _error(request: Any, exc: Exception) -> bytes:
+        from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+
+        code = status_of(exc)
+        reason = codec.show(str(exc) or type(exc).__name__)
+        if code is grpc.StatusCode.INTERNAL:
+            log.error("server error grpc_method=ModelStreamInfer", exc_info=exc)
+            reason = "internal server error"
+        elif code in CLIENT_CODES:
+            log.info("client error grpc_method=ModelStreamInfer code=%s reason=%s",
+                     code.name, reason)  # fmt: skip
+        else:
+            log.warning("grpc_method=ModelStreamInfer code=%s reason=%s", code.name, reason)
+        echo = pb.ModelInferResponse(
+            model_name=request.model_name, model_version=request.model_version, id=request.id
+        )
+        return stream_response(echo.SerializeToString(), f"[{code.name}] {reason}")
+
+
+def stream_method(infer: Infer, max_inflight: int) -> grpc.RpcMethodHandler:
+    """The ``ModelStreamInfer`` method of the inference service (added next to KServe's)."""
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+
+    def decode(data: bytes) -> Any:
+        try:
+            return pb.ModelInferRequest.FromString(data)
+        except Exception as exc:  # protobuf's DecodeError and friends
+            return Undecodable(f"request: not a valid ModelInferRequest message ({exc})")
+
+    return grpc.stream_stream_rpc_method_handler(
+        StreamInfer(infer, max_inflight).handle, request_deserializer=decode
+    )  # response_serializer None: the handler yields serialized messages
+
+
+class _Collect:
+    """Stands in for the server in KServe's generated ``add_...Servicer_to_server``: keeps
+    the method handlers it registers, so that roost can wrap them before the server gets them."""
+
+    def __init__(self) -> None:
+        self.methods: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # the same handlers come to add_registered_method_handlers
+
+    def add_registered_method_handlers(
+        self, service: str, methods: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        if service != SERVICE:
+            raise RuntimeError(f"KServe's generated gRPC code registers {service}, not {SERVICE}")
+        self.methods.update(methods)
+
+
+def add_services(server: aio.Server, servicer: Any, cfg: ServingSettings) -> None:
+    """KServe's inference service (each unary method wrapped once by :class:`RoostInterceptor`)
+    plus ``ModelStreamInfer``, as registered methods (looked up by the gRPC core, no Python
+    lookup per call) and as a generic handler (what grpc falls back to)."""
+    collect = _Collect()
+    grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, collect)
+    if "ModelInfer" not in collect.methods:
+        raise RuntimeError("KServe's generated gRPC code registered no ModelInfer handler")
+    guard = RoostInterceptor(cfg.grpc_max_inflight, cfg.grpc_retry_pushback_ms)
+    methods = {name: guard.wrap(name, handler) for name, handler in collect.methods.items()}
+    methods["ModelStreamInfer"] = stream_method(servicer.infer, cfg.grpc_max_inflight)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, methods),))
+    server.add_registered_method_handlers(SERVICE, methods)
+
+
 def server_options(cfg: ServingSettings, kwargs: dict[str, Any]) -> list[tuple[str, Any]]:
     """grpc core channel arguments of the server: message sizes and connection limits."""
     return [
@@ -168,12 +304,9 @@ class RoostGRPCServer(GRPCServer):  # type: ignore[misc]
         cfg = self.cfg
         self._server = aio.server(
             concurrent.futures.ThreadPoolExecutor(max_workers=max_workers),
-            interceptors=(RoostInterceptor(cfg.grpc_max_inflight, cfg.grpc_retry_pushback_ms),),
             options=server_options(cfg, self._kwargs),
         )
-        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            self.servicer, self._server
-        )
+        add_services(self._server, self.servicer, cfg)
         self._server.add_insecure_port(f"[::]:{self._port}")
         await self._server.start()
         await self._server.wait_for_termination()
