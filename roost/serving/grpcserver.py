@@ -22,8 +22,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+import time
+from collections.abc import AsyncIterator
+from functools import partial
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 from grpc import aio
@@ -144,7 +146,18 @@ class RoostInterceptor:
 # -- Triton's ModelStreamInfer --------------------------------------------------------------
 
 
-Infer = Callable[[Any, Any, bool], Awaitable[Any]]
+class Servicer(Protocol):
+    """What the stream needs of the servicer (roost.serving.fastpath.FastServicer)."""
+
+    model: Any
+
+    async def infer(self, request: Any, context: Any, stream: bool = False) -> Any: ...
+
+    def plain(self, request: Any) -> list[str] | None: ...
+
+    def answer(
+        self, request: Any, texts: list[str], proba: Any, start: float, decoded: float
+    ) -> tuple[Any, str | None]: ...
 
 
 class StreamInfer:
@@ -155,24 +168,43 @@ class StreamInfer:
     unary calls), at most ``max_inflight`` at a time: past it the stream is not read, so
     HTTP/2 flow control slows the client down. A failed request is answered in the stream
     with ``error_message`` (Triton's behaviour): the stream stays open for the next ones.
+    A plain request costs no task: its batch future's callback writes the answer; others
+    (KServe's path) run as a task.
     """
 
-    def __init__(self, infer: Infer, max_inflight: int) -> None:
-        self.infer = infer
+    def __init__(self, servicer: Servicer, max_inflight: int) -> None:
+        self.servicer = servicer
         self.max_inflight = max_inflight
 
     async def handle(
         self, requests: AsyncIterator[Any], context: aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         """The method (grpc.aio tells an async generator function from its signature)."""
+        servicer = self.servicer
         loop = asyncio.get_running_loop()
         out: asyncio.Queue[bytes | None] = asyncio.Queue()
         room = asyncio.Semaphore(self.max_inflight)
-        running: set[asyncio.Task[None]] = set()
+        running: set[asyncio.Future[Any]] = set()
 
-        async def one(request: Any) -> None:
+        def finish(request: Any, texts: list[str], start: float, decoded: float,
+                   done: asyncio.Future[Any]) -> None:  # fmt: skip
+            running.discard(done)
+            room.release()
+            if done.cancelled():
+                return
             try:
-                response = await self.infer(request, context, True)
+                exc = done.exception()
+                if exc is not None:
+                    raise exc
+                response, _ = servicer.answer(request, texts, done.result(), start, decoded)
+                data = stream_response(response.SerializeToString())
+            except Exception as error:
+                data = self._error(request, error)
+            out.put_nowait(data)
+
+        async def slow(request: Any) -> None:
+            try:
+                response = await servicer.infer(request, context, True)
                 data = stream_response(response.SerializeToString())
             except Exception as exc:
                 data = self._error(request, exc)
@@ -188,10 +220,22 @@ class StreamInfer:
                                  "INVALID_ARGUMENT", request.reason)  # fmt: skip
                         out.put_nowait(stream_response(b"", codec.show(request.reason)))
                         continue
+                    start = time.perf_counter()
+                    try:
+                        texts = servicer.plain(request)
+                    except Exception as exc:
+                        out.put_nowait(self._error(request, exc))
+                        continue
                     await room.acquire()
-                    task = loop.create_task(one(request))
-                    running.add(task)
-                    task.add_done_callback(running.discard)
+                    if texts is None:
+                        future: asyncio.Future[Any] = loop.create_task(slow(request))
+                        future.add_done_callback(running.discard)
+                    else:
+                        future = servicer.model.enqueue(texts)
+                        future.add_done_callback(
+                            partial(finish, request, texts, start, time.perf_counter())
+                        )
+                    running.add(future)
                 while running:
                     await asyncio.wait(set(running))
             finally:
@@ -204,8 +248,8 @@ class StreamInfer:
             await reader  # a broken stream (client gone, transport error) ends the call
         finally:
             reader.cancel()
-            for task in list(running):
-                task.cancel()
+            for future in list(running):
+                future.cancel()
 
     @staticmethod
     def _error(request: Any, exc: Exception) -> bytes:
@@ -227,7 +271,7 @@ class StreamInfer:
         return stream_response(echo.SerializeToString(), f"[{code.name}] {reason}")
 
 
-def stream_method(infer: Infer, max_inflight: int) -> grpc.RpcMethodHandler:
+def stream_method(servicer: Servicer, max_inflight: int) -> grpc.RpcMethodHandler:
     """The ``ModelStreamInfer`` method of the inference service (added next to KServe's)."""
     from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 
@@ -238,7 +282,7 @@ def stream_method(infer: Infer, max_inflight: int) -> grpc.RpcMethodHandler:
             return Undecodable(f"request: not a valid ModelInferRequest message ({exc})")
 
     return grpc.stream_stream_rpc_method_handler(
-        StreamInfer(infer, max_inflight).handle, request_deserializer=decode
+        StreamInfer(servicer, max_inflight).handle, request_deserializer=decode
     )  # response_serializer None: the handler yields serialized messages
 
 
@@ -270,7 +314,7 @@ def add_services(server: aio.Server, servicer: Any, cfg: ServingSettings) -> Non
         raise RuntimeError("KServe's generated gRPC code registered no ModelInfer handler")
     guard = RoostInterceptor(cfg.grpc_max_inflight, cfg.grpc_retry_pushback_ms)
     methods = {name: guard.wrap(name, handler) for name, handler in collect.methods.items()}
-    methods["ModelStreamInfer"] = stream_method(servicer.infer, cfg.grpc_max_inflight)
+    methods["ModelStreamInfer"] = stream_method(servicer, cfg.grpc_max_inflight)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, methods),))
     server.add_registered_method_handlers(SERVICE, methods)
 

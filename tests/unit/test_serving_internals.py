@@ -123,5 +123,5 @@ def test_kserves_generated_grpc_code_registers_what_roost_wraps() -> None:
         return port
 
     assert asyncio.run(start()) > 0
-    stream = grpcserver.stream_method(Servicer().infer, 4)
+    stream = grpcserver.stream_method(Servicer(), 4)
     assert inspect.isasyncgenfunction(stream.stream_stream)  # grpc.aio's test for a generator
