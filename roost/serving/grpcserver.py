@@ -214,7 +214,8 @@ class StreamInfer:
 
         async def read() -> None:
             try:
-                async for request in requests:
+                # context.read(): the request iterator is an async generator around it
+                while (request := await context.read()) is not aio.EOF:
                     if isinstance(request, Undecodable):
                         log.info("client error grpc_method=ModelStreamInfer code=%s reason=%s",
                                  "INVALID_ARGUMENT", request.reason)  # fmt: skip
