@@ -178,6 +178,12 @@ class ServingSettings(_Section):
         description="Answer well-formed REST v1/v2 and gRPC inference requests without "
         "FastAPI/pydantic; anything else takes KServe's full path (same answers and errors).",
     )
+    fast_path_protocol: bool = Field(
+        True,
+        description="With the fast path on: answer plain REST requests from uvicorn's "
+        "httptools callbacks (false: from an ASGI app in front of KServe's; `roost bench` "
+        "measures the difference).",
+    )
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
         "auto", description="Event loop of the server: auto picks uvloop when installed."
     )

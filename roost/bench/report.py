@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from roost import proc
+from roost.bench import layers
 
 JSON_NAME = "bench.json"
 TABLE_NAME = "bench.md"
@@ -86,15 +87,16 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{target['value_best_request_shape']}"
             )
         verdict = _verdict(target)
+        name = names.get(key, target.get("label", key))
         lines.append(
-            f"- {names.get(key, key)}: **{target['value']}** (target {target['target']}, "
-            f"{verdict}{extra})"
+            f"- {name}: **{target['value']}** (target {target['target']}, {verdict}{extra})"
         )
     if result.get("cold_start_models_uri_s") is not None:
         lines.append(
             f"- roost cold start from `models:/` with an empty cache: "
             f"{result['cold_start_models_uri_s']} s"
         )
+    lines += layers.markdown(result)
     lines += ["", "Ladders (offered req/s: p50 / p99 / p99.9 ms, errors):", ""]
     for s in result["servers"]:
         steps = ", ".join(

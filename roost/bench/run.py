@@ -37,7 +37,8 @@ from typing import Any
 import numpy as np
 
 from roost import proc, registry
-from roost.bench import measure, report, workload
+from roost.bench import layers as bench_layers
+from roost.bench import measure, report, stream, workload
 from roost.bench import torchserve as ts
 from roost.bench.load import Loader
 from roost.bench.plan import Profile, Progress
@@ -51,8 +52,16 @@ log = logging.getLogger(__name__)
 class Bench:
     """One run: the model and texts, the raw forward pass, then each server under load."""
 
-    def __init__(self, settings: Settings, out: Path, profile: Profile, progress: Progress) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        out: Path,
+        profile: Profile,
+        progress: Progress,
+        layers: bool = False,
+    ) -> None:
         self.settings = settings
+        self.layers = layers  # roost again with each fast-path layer off (roost.bench.layers)
         self.cfg = settings.bench
         self.out = out
         # Bulky artefacts (server logs, the TorchServe export) stay out of the report dir.
@@ -95,6 +104,8 @@ class Bench:
         )  # fmt: skip
         servers = self.servers.roost(model, name, version, texts, expected)
         servers += self.servers.roost_logging(model, name, version, texts, expected)  # its cost
+        if self.layers:
+            servers += bench_layers.rows(self.servers, model, name, version, texts, expected)
         ts_servers, sweep = self.servers.torchserve(export, texts, expected)
         servers += ts_servers
         self.raw_forward_again(raw)
@@ -125,7 +136,8 @@ class Bench:
         }  # fmt: skip
         if batch_section is not None:
             result["batch"] = batch_section
-        result["targets"] = report.targets(result)
+        result["layers"] = bench_layers.gains(result)
+        result["targets"] = {**report.targets(result), **stream.targets(result)}
         return result
 
     # -- raw forward -----------------------------------------------------------------------
@@ -173,8 +185,15 @@ def run(
     quick: bool,
     model_uri: str,
     progress: Progress | None = None,
+    layers: bool | None = None,
 ) -> dict[str, Any]:
-    """Run the benchmark; returns the bench.json document (the caller writes the reports)."""
+    """Run the benchmark; returns the bench.json document (the caller writes the reports).
+
+    ``layers``: also run roost with each fast-path layer off (default: full runs only).
+    """
     profile = Profile.of(settings.bench, quick)
-    bench = Bench(settings, out, profile, progress or (lambda message: log.info("%s", message)))
+    bench = Bench(
+        settings, out, profile, progress or (lambda message: log.info("%s", message)),
+        layers=not quick if layers is None else layers,
+    )  # fmt: skip
     return bench.run(model_uri)

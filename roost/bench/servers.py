@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from roost import proc, registry, tracking
-from roost.bench import loadgen, measure, workload
+from roost.bench import loadgen, measure, stream, workload
 from roost.bench import torchserve as ts
 from roost.bench.plan import Profile, Progress, ServerResult, Target
 from roost.config import Settings
@@ -106,6 +106,9 @@ class Servers:
                             workload.check_grpc(expected),
                         ),
                     )
+                )
+                targets.append(
+                    stream.target(result(stream.STREAM_PROTOCOL), http, texts, name, expected)
                 )
             if p.multi_text > 1:
                 k = p.multi_text

@@ -54,6 +54,14 @@ def bench(
     version: VersionOpt = None,
     alias: AliasOpt = None,
     json_output: JsonFlag = False,
+    layers: Annotated[
+        bool | None,
+        typer.Option(
+            "--layers/--no-layers",
+            help="Also run roost with each fast-path layer off (default: on, off with --quick).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Load roost's predictor and TorchServe on loopback with the same model version."""
     if ctx.invoked_subcommand is not None:
@@ -64,9 +72,11 @@ def bench(
     out_dir = settings.bench.out_dir
     progress = (lambda message: None) if json_output else _progress
     result = run.run(
-        settings, out_dir, quick, model_uri(settings, version, alias), progress=progress
-    )
+        settings, out_dir, quick, model_uri(settings, version, alias), progress=progress,
+        layers=layers,
+    )  # fmt: skip
     flags = ["--quick"] if quick else []
+    flags += [] if layers is None else (["--layers"] if layers else ["--no-layers"])
     flags += ["--out", str(out_dir)]
     flags += ["--version", version] if version else (["--alias", alias] if alias else [])
     paths = report.write(result, out_dir, "roost bench " + shlex.join(flags))

@@ -535,7 +535,28 @@ class FastServicer(InferenceServicer):  # type: ignore[misc]
             )
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:  # gRPC's method name
+        return await self.infer(request, context)
+
+    async def infer(self, request: Any, context: Any, stream: bool = False) -> Any:
+        """One ``ModelInferRequest``'s answer; errors raise (the caller maps them).
+
+        ``stream``: a request of ``ModelStreamInfer`` (its metadata was sent already, so
+        the payload event id travels only in the response's ``id``).
+        """
         start = time.perf_counter()
+        texts = self.plain(request)
+        if texts is None:
+            return await super().ModelInfer(request, context)
+        decoded = time.perf_counter()
+        proba = await self.model.infer(texts)  # an error here is the answer (the caller maps it)
+        response, event_id = self.answer(request, texts, proba, start, decoded)
+        if event_id is not None and not stream:  # roost.monitor: name the events
+            await context.send_initial_metadata(((events.EVENT_ID_HEADER, event_id),))
+        return response
+
+    def plain(self, request: Any) -> list[str] | None:
+        """The texts of a plain request (the fast path), None for KServe's path; raises
+        for a request that breaks the input rule."""
         model = self.model
         self._version(request.model_name, request.model_version)
         if request.model_name == model.name and not model.ready:
@@ -544,14 +565,18 @@ class FastServicer(InferenceServicer):  # type: ignore[misc]
         for tensor in request.inputs:  # the input rule: datatypes compare case-insensitively
             if tensor.datatype != tensor.datatype.upper():
                 tensor.datatype = tensor.datatype.upper()
-        texts = None
-        if self.fast and model.ready:
-            texts = codec.plain_grpc(request, model.name, model.version)
-        if texts is None:
-            return await super().ModelInfer(request, context)
-        codec.check_count(len(texts), self.max_texts, "inputs[0].contents")
-        decoded = time.perf_counter()
-        proba = await model.infer(texts)  # an error here is the answer (the interceptor maps it)
+        if not (self.fast and model.ready):
+            return None
+        texts = codec.plain_grpc(request, model.name, model.version)
+        if texts is not None:
+            codec.check_count(len(texts), self.max_texts, "inputs[0].contents")
+        return texts
+
+    def answer(
+        self, request: Any, texts: list[str], proba: np.ndarray, start: float, decoded: float
+    ) -> tuple[Any, str | None]:
+        """(the response, the payload event id when logging is on) of a plain request."""
+        model = self.model
         predicted = time.perf_counter()
         payload = model.payload
         event_id = request.id if payload is None else payload.event_id(request.id)
@@ -559,11 +584,10 @@ class FastServicer(InferenceServicer):  # type: ignore[misc]
         response = codec.grpc_response(
             model.name, model.version, event_id, model.labels, names, proba
         )
-        if payload is not None:  # roost.monitor: log it, and name the events in the metadata
-            await context.send_initial_metadata(((events.EVENT_ID_HEADER, event_id),))
+        if payload is not None:
             payload.log_grpc(event_id, texts, model, names, proba)
         self.meters.record(start, decoded, predicted, time.perf_counter())
-        return response
+        return response, None if payload is None else event_id
 
     async def ServerReady(self, request: Any, context: Any) -> Any:
         from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb

@@ -13,15 +13,19 @@ UNKNOWN for an undecodable message, INTERNAL for a bad ``raw_input_contents`` an
 
 :class:`RoostGRPCServer` starts grpc.aio with roost's connection limits: the HTTP/2
 handshake timeout (a connection that sends nothing is closed), keepalive pings, and idle
-connections closed after ``serving.grpc_idle_timeout_s``.
+connections closed after ``serving.grpc_idle_timeout_s``, and Triton's bidirectional
+``ModelStreamInfer`` (:class:`StreamInfer`) next to KServe's unary methods.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+import time
+from collections.abc import AsyncIterator
+from functools import partial
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 from grpc import aio
@@ -39,6 +43,7 @@ from kserve.protocol.grpc.server import GRPCServer
 
 from roost.config import ServingSettings
 from roost.serving import codec
+from roost.serving.wire import SERVICE, stream_response
 
 if TYPE_CHECKING:
     from roost.serving.predictor import SentimentModel
@@ -74,23 +79,22 @@ CLIENT_CODES = frozenset(
 )
 
 
-class RoostInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
-    """Decoding errors, error mapping and the in-flight bound (see the module docstring)."""
+class RoostInterceptor:
+    """Decoding errors, error mapping and the in-flight bound (see the module docstring).
+
+    Not a grpc.aio ``ServerInterceptor``: grpc runs those on every call (a coroutine, and
+    here a new handler with two closures per call). :meth:`wrap` wraps each method's
+    handler once, when the server starts.
+    """
 
     def __init__(self, max_inflight: int, pushback_ms: int) -> None:
         self.max_inflight = max_inflight
         self.pushback_ms = pushback_ms
         self.inflight = 0
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or handler.unary_unary is None:
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if handler.unary_unary is None:
             return handler
-        method = details.method.rsplit("/", 1)[-1]
         deserialize = handler.request_deserializer
         behavior = handler.unary_unary
         shed = method == "ModelInfer"
@@ -139,6 +143,183 @@ class RoostInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         await context.abort(code, reason)
 
 
+# -- Triton's ModelStreamInfer --------------------------------------------------------------
+
+
+class Servicer(Protocol):
+    """What the stream needs of the servicer (roost.serving.fastpath.FastServicer)."""
+
+    model: Any
+
+    async def infer(self, request: Any, context: Any, stream: bool = False) -> Any: ...
+
+    def plain(self, request: Any) -> list[str] | None: ...
+
+    def answer(
+        self, request: Any, texts: list[str], proba: Any, start: float, decoded: float
+    ) -> tuple[Any, str | None]: ...
+
+
+class StreamInfer:
+    """``ModelStreamInfer``: a stream of ``ModelInferRequest``, one ``ModelStreamInferResponse``
+    per request, in the order they are answered (the response's ``id`` names its request).
+
+    Requests of one stream run concurrently (they share batches with each other and with
+    unary calls), at most ``max_inflight`` at a time: past it the stream is not read, so
+    HTTP/2 flow control slows the client down. A failed request is answered in the stream
+    with ``error_message`` (Triton's behaviour): the stream stays open for the next ones.
+    A plain request costs no task: its batch future's callback writes the answer; others
+    (KServe's path) run as a task.
+    """
+
+    def __init__(self, servicer: Servicer, max_inflight: int) -> None:
+        self.servicer = servicer
+        self.max_inflight = max_inflight
+
+    async def handle(
+        self, requests: AsyncIterator[Any], context: aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        """The method (grpc.aio tells an async generator function from its signature)."""
+        servicer = self.servicer
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue[bytes | None] = asyncio.Queue()
+        room = asyncio.Semaphore(self.max_inflight)
+        running: set[asyncio.Future[Any]] = set()
+
+        def finish(request: Any, texts: list[str], start: float, decoded: float,
+                   done: asyncio.Future[Any]) -> None:  # fmt: skip
+            running.discard(done)
+            room.release()
+            if done.cancelled():
+                return
+            try:
+                exc = done.exception()
+                if exc is not None:
+                    raise exc
+                response, _ = servicer.answer(request, texts, done.result(), start, decoded)
+                data = stream_response(response.SerializeToString())
+            except Exception as error:
+                data = self._error(request, error)
+            out.put_nowait(data)
+
+        async def slow(request: Any) -> None:
+            try:
+                response = await servicer.infer(request, context, True)
+                data = stream_response(response.SerializeToString())
+            except Exception as exc:
+                data = self._error(request, exc)
+            finally:
+                room.release()
+            out.put_nowait(data)
+
+        async def read() -> None:
+            try:
+                # context.read(): the request iterator is an async generator around it
+                while (request := await context.read()) is not aio.EOF:
+                    if isinstance(request, Undecodable):
+                        log.info("client error grpc_method=ModelStreamInfer code=%s reason=%s",
+                                 "INVALID_ARGUMENT", request.reason)  # fmt: skip
+                        out.put_nowait(stream_response(b"", codec.show(request.reason)))
+                        continue
+                    start = time.perf_counter()
+                    try:
+                        texts = servicer.plain(request)
+                    except Exception as exc:
+                        out.put_nowait(self._error(request, exc))
+                        continue
+                    await room.acquire()
+                    if texts is None:
+                        future: asyncio.Future[Any] = loop.create_task(slow(request))
+                        future.add_done_callback(running.discard)
+                    else:
+                        future = servicer.model.enqueue(texts)
+                        future.add_done_callback(
+                            partial(finish, request, texts, start, time.perf_counter())
+                        )
+                    running.add(future)
+                while running:
+                    await asyncio.wait(set(running))
+            finally:
+                out.put_nowait(None)
+
+        reader = loop.create_task(read())
+        try:
+            while (data := await out.get()) is not None:
+                yield data
+            await reader  # a broken stream (client gone, transport error) ends the call
+        finally:
+            reader.cancel()
+            for future in list(running):
+                future.cancel()
+
+    @staticmethod
+    def _error(request: Any, exc: Exception) -> bytes:
+        from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+
+        code = status_of(exc)
+        reason = codec.show(str(exc) or type(exc).__name__)
+        if code is grpc.StatusCode.INTERNAL:
+            log.error("server error grpc_method=ModelStreamInfer", exc_info=exc)
+            reason = "internal server error"
+        elif code in CLIENT_CODES:
+            log.info("client error grpc_method=ModelStreamInfer code=%s reason=%s",
+                     code.name, reason)  # fmt: skip
+        else:
+            log.warning("grpc_method=ModelStreamInfer code=%s reason=%s", code.name, reason)
+        echo = pb.ModelInferResponse(
+            model_name=request.model_name, model_version=request.model_version, id=request.id
+        )
+        return stream_response(echo.SerializeToString(), f"[{code.name}] {reason}")
+
+
+def stream_method(servicer: Servicer, max_inflight: int) -> grpc.RpcMethodHandler:
+    """The ``ModelStreamInfer`` method of the inference service (added next to KServe's)."""
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+
+    def decode(data: bytes) -> Any:
+        try:
+            return pb.ModelInferRequest.FromString(data)
+        except Exception as exc:  # protobuf's DecodeError and friends
+            return Undecodable(f"request: not a valid ModelInferRequest message ({exc})")
+
+    return grpc.stream_stream_rpc_method_handler(
+        StreamInfer(servicer, max_inflight).handle, request_deserializer=decode
+    )  # response_serializer None: the handler yields serialized messages
+
+
+class _Collect:
+    """Stands in for the server in KServe's generated ``add_...Servicer_to_server``: keeps
+    the method handlers it registers, so that roost can wrap them before the server gets them."""
+
+    def __init__(self) -> None:
+        self.methods: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # the same handlers come to add_registered_method_handlers
+
+    def add_registered_method_handlers(
+        self, service: str, methods: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        if service != SERVICE:
+            raise RuntimeError(f"KServe's generated gRPC code registers {service}, not {SERVICE}")
+        self.methods.update(methods)
+
+
+def add_services(server: aio.Server, servicer: Any, cfg: ServingSettings) -> None:
+    """KServe's inference service (each unary method wrapped once by :class:`RoostInterceptor`)
+    plus ``ModelStreamInfer``, as registered methods (looked up by the gRPC core, no Python
+    lookup per call) and as a generic handler (what grpc falls back to)."""
+    collect = _Collect()
+    grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, collect)
+    if "ModelInfer" not in collect.methods:
+        raise RuntimeError("KServe's generated gRPC code registered no ModelInfer handler")
+    guard = RoostInterceptor(cfg.grpc_max_inflight, cfg.grpc_retry_pushback_ms)
+    methods = {name: guard.wrap(name, handler) for name, handler in collect.methods.items()}
+    methods["ModelStreamInfer"] = stream_method(servicer, cfg.grpc_max_inflight)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, methods),))
+    server.add_registered_method_handlers(SERVICE, methods)
+
+
 def server_options(cfg: ServingSettings, kwargs: dict[str, Any]) -> list[tuple[str, Any]]:
     """grpc core channel arguments of the server: message sizes and connection limits."""
     return [
@@ -168,12 +349,9 @@ class RoostGRPCServer(GRPCServer):  # type: ignore[misc]
         cfg = self.cfg
         self._server = aio.server(
             concurrent.futures.ThreadPoolExecutor(max_workers=max_workers),
-            interceptors=(RoostInterceptor(cfg.grpc_max_inflight, cfg.grpc_retry_pushback_ms),),
             options=server_options(cfg, self._kwargs),
         )
-        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            self.servicer, self._server
-        )
+        add_services(self._server, self.servicer, cfg)
         self._server.add_insecure_port(f"[::]:{self._port}")
         await self._server.start()
         await self._server.wait_for_termination()

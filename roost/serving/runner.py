@@ -97,16 +97,18 @@ class RoostModelServer(kserve.ModelServer):  # type: ignore[misc]
             timeout_keep_alive=cfg.keep_alive_timeout_s,
         )
         fast = FastPath(self.model, cfg.max_body_bytes, cfg.max_texts_per_request)
-        protocol = http_protocol(fast if cfg.fast_path else None, cfg)
+        callbacks = cfg.fast_path and cfg.fast_path_protocol
+        protocol = http_protocol(fast if callbacks else None, cfg)
         if protocol is not None:  # uvicorn takes a protocol class for `http`
             rest.config.http = protocol
-        else:  # uvicorn serves what its config names: KServe's app behind the fast path
+        else:
             log.warning(
                 "uvicorn's httptools protocol not as expected: fast path via ASGI and "
                 "no header/body timeouts or connection limit"
             )
-            if cfg.fast_path:
-                rest.config.app = FastASGI(fast, model_server.app)
+        if cfg.fast_path and (protocol is None or not callbacks):
+            # uvicorn serves what its config names: KServe's app behind the fast path
+            rest.config.app = FastASGI(fast, model_server.app)
         self._rest_server = rest
         self.servers.append(rest.start())
         if self.enable_grpc:

@@ -40,7 +40,9 @@ def quick_bench(
     settings: Settings, champion: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[dict[str, Any], Path]:
     out = tmp_path_factory.mktemp("bench")
-    result = roost(settings, "bench", "--quick", "--out", str(out), "--json", timeout=240)
+    result = roost(
+        settings, "bench", "--quick", "--layers", "--out", str(out), "--json", timeout=420
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout), out
 
@@ -73,6 +75,25 @@ def test_bench_json_shape(quick_bench: tuple[dict[str, Any], Path], champion: An
             assert target["value"] is None and target["reason"], (key, target)
         else:
             assert isinstance(target["value"], int | float), (key, target)
+
+
+def test_grpc_stream_and_layer_rows(quick_bench: tuple[dict[str, Any], Path]) -> None:
+    """The ModelStreamInfer row, one row per fast-path layer switched off, their gains and
+    the gRPC targets (shape only: the speeds are what the report says)."""
+    from roost.bench import layers
+
+    doc, out = quick_bench
+    pairs = {(s["name"], s["protocol"]) for s in doc["servers"]}
+    assert ("roost", "grpc-v2-stream") in pairs
+    for layer in layers.LAYERS:
+        for protocol in layer.protocols:
+            assert (layer.row, protocol) in pairs
+    gains = {(g["layer"], g["protocol"]) for g in doc["layers"]}
+    assert gains == {(layer.name, p) for layer in layers.LAYERS for p in layer.protocols}
+    assert {"grpc_unary_vs_rest", "grpc_stream_vs_rest"} <= set(doc["targets"])
+    table = (out / "bench.md").read_text()
+    assert "Fast-path layers" in table and "ROOST_SERVING__FAST_PATH=false" in table
+    assert "roost gRPC v2 ModelStreamInfer / REST v2" in table
 
 
 def test_every_answer_matches_the_reference_model(

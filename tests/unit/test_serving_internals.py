@@ -91,3 +91,37 @@ def test_one_protocol_enum() -> None:
     assert codec.Protocol is client.Protocol
     assert client.Protocol.REST_V2 is client.Protocol.V2
     assert [p.label for p in client.Protocol] == ["rest-v1", "rest-v2", "grpc-v2"]
+
+
+def test_kserves_generated_grpc_code_registers_what_roost_wraps() -> None:
+    """grpcserver.add_services collects KServe's handlers through the generated
+    ``add_..._to_server`` (its two registration calls), wraps them once and adds
+    ModelStreamInfer as a registered method of the same service."""
+    import asyncio
+
+    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as generated
+
+    from roost.config import ServingSettings
+    from roost.serving import grpcserver
+
+    collect = grpcserver._Collect()
+    generated.add_GRPCInferenceServiceServicer_to_server(
+        generated.GRPCInferenceServiceServicer(), collect
+    )
+    assert {"ModelInfer", "ModelReady", "ServerReady", "ModelMetadata"} <= set(collect.methods)
+
+    class Servicer(generated.GRPCInferenceServiceServicer):  # type: ignore[misc]
+        async def infer(self, request: object, context: object, stream: bool) -> object:
+            return request
+
+    async def start() -> int:  # the real server accepts both registrations
+        server = grpcserver.aio.server()
+        grpcserver.add_services(server, Servicer(), ServingSettings())
+        port: int = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        await server.stop(None)
+        return port
+
+    assert asyncio.run(start()) > 0
+    stream = grpcserver.stream_method(Servicer(), 4)
+    assert inspect.isasyncgenfunction(stream.stream_stream)  # grpc.aio's test for a generator
