@@ -28,20 +28,37 @@ def serve(
     store: Annotated[
         str | None,
         typer.Option(
-            help="Event store directory (default: STATE_DIR/monitor).", show_default=False
+            help="Event store: a directory or s3://bucket/prefix (default: STATE_DIR/monitor).",
+            show_default=False,
+        ),
+    ] = None,
+    journal_dir: Annotated[
+        str | None,
+        typer.Option(
+            help="Local journal directory (default: the store directory, or "
+            "STATE_DIR/monitor for an s3:// store).",
+            show_default=False,
         ),
     ] = None,
 ) -> None:
     """Run the event receiver in the foreground (CloudEvents in, Parquet out)."""
     settings = state(ctx).settings(
-        **{"monitor.host": host, "monitor.port": port, "monitor.store": store}
+        **{
+            "monitor.host": host,
+            "monitor.port": port,
+            "monitor.store": store,
+            "monitor.journal_dir": journal_dir,
+        }
     )
     from roost.monitor import local, receiver
 
     cfg = settings.monitor
     root = local.store_dir(settings)
     root.mkdir(parents=True, exist_ok=True)
-    receiver.serve(root, cfg.host, cfg.port, cfg.max_body_bytes, cfg.segment_s, cfg.segment_bytes)
+    receiver.serve(
+        root, cfg.host, cfg.port, cfg.max_body_bytes, cfg.segment_s, cfg.segment_bytes,
+        local.store_uri(settings),
+    )  # fmt: skip
 
 
 @app.command()
@@ -254,7 +271,7 @@ def report(
         reports.flush_receiver(receiver)
     now = dt.datetime.now(dt.UTC)
     result = reports.make_report(
-        local.store_dir(settings), name, resolved, run_id, reference,
+        local.store_uri(settings), name, resolved, run_id, reference,
         now - dt.timedelta(seconds=since_s), now, window_s,
         reports.Thresholds.from_settings(settings.monitor),
     )  # fmt: skip
@@ -300,7 +317,25 @@ def watch(
     ] = None,
     store: Annotated[
         str | None,
-        typer.Option(help="Event store (default: STATE_DIR/monitor).", show_default=False),
+        typer.Option(
+            help="Event store: a directory or s3://bucket/prefix (default: STATE_DIR/monitor).",
+            show_default=False,
+        ),
+    ] = None,
+    journal_dir: Annotated[
+        str | None,
+        typer.Option(
+            help="Local directory of the watch state (default: as for `monitor serve`).",
+            show_default=False,
+        ),
+    ] = None,
+    on: Annotated[
+        str | None,
+        typer.Option(
+            help="Where retraining runs: local (in-process) or k8s (the training Job, as "
+            "`roost train --on k8s`; needs an s3:// store). Default: monitor.train_on = local.",
+            show_default=False,
+        ),
     ] = None,
     once: Annotated[bool, typer.Option(help="Evaluate (and act) once, then exit.")] = False,
     json_output: JsonFlag = False,
@@ -316,6 +351,8 @@ def watch(
 
     if action is not None and action not in ("alert", "retrain"):
         raise typer.BadParameter("expected alert or retrain", param_hint="--action")
+    if on is not None and on not in ("local", "k8s"):
+        raise typer.BadParameter("expected local or k8s", param_hint="--on")
     settings = state(ctx).settings(
         **{
             "registry.model_name": model,
@@ -325,10 +362,18 @@ def watch(
             "monitor.cooldown_s": parse_duration(cooldown, "--cooldown") if cooldown else None,
             "monitor.poll_s": parse_duration(poll, "--poll") if poll else None,
             "monitor.store": store,
+            "monitor.journal_dir": journal_dir,
+            "monitor.train_on": on,
         }
     )
     cfg = settings.monitor
-    watcher = Watcher(settings, local.store_dir(settings), local.receiver_url(settings))
+    if cfg.action == "retrain" and cfg.train_on == "k8s":
+        from roost.monitor.k8s_retrain import data_uri
+
+        data_uri(local.store_uri(settings), "check")  # an s3:// store, or one error line now
+    watcher = Watcher(
+        settings, local.store_uri(settings), local.store_dir(settings), local.receiver_url(settings)
+    )
     if not json_output:
         console.print(
             f"watching {settings.registry.model_name}@{settings.registry.champion_alias}: "
