@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from roost.cli.context import state
-from roost.cli.output import JsonFlag, console, emit_json
+from roost.cli.output import EpochProgress, JsonFlag, console, emit_json, interactive
 from roost.errors import ConfigError, Unavailable
+
+if TYPE_CHECKING:
+    from roost.config import Settings
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -385,3 +388,40 @@ def watch(
         emit_json(
             dataclasses.asdict(result) if result is not None else {"lease": "held by another"}
         )
+
+
+def monitor_demo(settings: Settings, json_output: bool) -> None:
+    """`roost demo --monitor`: run the loop (roost.monitor.demo) and print what it saw."""
+    from roost.monitor.demo import run_monitor_demo
+
+    def notify(message: str) -> None:
+        if not json_output:
+            console.print(f"[bold cyan]==>[/] {message}")
+
+    with EpochProgress(show_bars=interactive(json_output), quiet=json_output) as progress:
+        result = run_monitor_demo(settings, notify, progress)
+    if json_output:
+        emit_json(result.to_dict())
+        return
+    console.rule("normal traffic: the report")
+    render_report(result.normal)
+    console.rule("shifted traffic: the report")
+    render_report(result.shifted)
+    console.rule("roost monitor demo summary")
+    trigger = result.trigger
+    console.print(f"MLflow UI       {result.tracking_uri}")
+    console.print(f"events stored   {result.store} (receiver {result.receiver_url})")
+    console.print(
+        f"trigger         {trigger.get('action')} on v{result.champion}: "
+        f"{', '.join(trigger.get('breached') or [])} breached in "
+        f"{len(trigger.get('windows') or [])} windows in a row"
+    )
+    console.print(
+        f"challenger      v{result.challenger} -> @{', @'.join(trigger.get('aliases') or [])} "
+        f"(gate: {trigger.get('gate')})"
+    )
+    t = result.timings
+    console.print(
+        f"timings         shift -> trigger {t.get('shift_to_trigger_s')}s, "
+        f"shift -> challenger {t.get('shift_to_challenger_s')}s, total {t.get('total_s')}s"
+    )

@@ -1,16 +1,16 @@
 """From a logged request to the version that answered it: the monitor's Parquet store.
 
 Payload logging (``roost monitor``) stores request/response events as Parquet under one
-directory or ``s3://`` prefix, partitioned by model and version (hive style, ``model=.../version=.../``). This
-module only reads it: the event whose id is the request id, and the model and version
-recorded with it. Without a configured store it says so; it never guesses a version.
+directory or ``s3://`` prefix, partitioned by model and version (hive style,
+``model=.../version=.../``). This module only reads it: the event whose id is the request
+id, and the model and version recorded with it. Without a configured store it says so; it
+never guesses a version.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from roost.config import Settings

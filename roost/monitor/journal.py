@@ -14,9 +14,10 @@ directory, or an ``s3://`` prefix; :mod:`roost.monitor.store`)::
 
 A segment is closed when it is big or old enough; a closed segment becomes Parquet files,
 each appearing atomically (locally: a temporary name, fsync, rename; on S3: one whole
-object upload), and only once all of them are written is the segment deleted. Compaction is idempotent: the part files of a
-segment have the segment's number in their name, so redoing it after a crash rewrites the
-same files. A line torn by a crash (never acknowledged) is cut off at start-up.
+object upload), and only once all of them are written is the segment deleted. Compaction
+is idempotent: the part files of a segment have the segment's number in their name, so
+redoing it after a crash rewrites the same files. A line torn by a crash (never
+acknowledged) is cut off at start-up.
 
 Duplicates (the same event id and type delivered twice, as at-least-once senders do) are
 stored once: the keys of every stored event are kept in memory and rebuilt at start-up.
@@ -148,7 +149,10 @@ class Journal:
         self._compact_wake.set()  # the segments left by the last process
         log.info(
             "journal open root=%s store=%s keys=%d segment=%d",
-            self.root, self.store.uri, len(self.seen), self._segment,
+            self.root,
+            self.store.uri,
+            len(self.seen),
+            self._segment,
         )
 
     def segments(self) -> list[tuple[int, Path]]:
@@ -345,9 +349,7 @@ def _safe(value: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", value) or "unknown"
 
 
-def write_parts(
-    store: str | Path | PartStore, segment: int, records: list[Record]
-) -> list[str]:
+def write_parts(store: str | Path | PartStore, segment: int, records: list[Record]) -> list[str]:
     """Write one segment's records as Parquet parts (each atomic); returns their URIs."""
     import pyarrow as pa
 

@@ -70,7 +70,10 @@ def retrain_job(settings: Settings, store: str, action_id: str, data: Path) -> s
     templates = k8s.read_templates(api, cfg.namespace, cfg.templates_configmap)
     base = k8s.template(templates, k8s.TEMPLATE_JOB, "Job")
     name = job_name(action_id)
-    labels = {"roost.io/submitted-by": SUBMITTED_BY, ACTION_LABEL: name.removeprefix(f"{JOB_PREFIX}-")}
+    labels = {
+        "roost.io/submitted-by": SUBMITTED_BY,
+        ACTION_LABEL: name.removeprefix(f"{JOB_PREFIX}-"),
+    }
     manifest = k8s_jobs.job_manifest(base, name, env, labels)
 
     def on_line(pod: str, line: str) -> None:
@@ -101,7 +104,7 @@ def _follow(
     from roost import k8s_jobs
 
     # run_job's own follower (pods, logs, failure reasons), without the create.
-    return k8s_jobs._follow_job(  # noqa: SLF001 - the same follower as `train --on k8s`
+    return k8s_jobs._follow_job(  # the same follower as `train --on k8s`
         api, namespace, name, time.monotonic(), timeout_s, poll_s, None, on_status,
         time.sleep, time.monotonic, k8s_jobs.CONTAINER,
     )  # fmt: skip

@@ -99,9 +99,7 @@ def up(settings: Settings, port: int = 0) -> ReceiverState:
     except Exception:
         server.stop()
         raise
-    state = ReceiverState(
-        server.pid, url, store_uri(settings), str(server.log_file), time.time()
-    )
+    state = ReceiverState(server.pid, url, store_uri(settings), str(server.log_file), time.time())
     path = state_file(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

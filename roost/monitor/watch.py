@@ -448,9 +448,18 @@ class Watcher:
         deadline = None if stop_after is None else time.monotonic() + stop_after
         idle = threading.Event()
         state = None
+        from roost.errors import RoostError
+
         while True:
-            state = self.step()
-            if once or (deadline is not None and time.monotonic() >= deadline):
+            if once:
+                return self.step()
+            try:
+                state = self.step()
+            except RoostError as exc:
+                # No champion yet, MLflow or the store briefly away: a long-running watcher
+                # waits and tries again (a Deployment must not crash-loop on a fresh release).
+                log.warning("waiting: %s", exc)
+            if deadline is not None and time.monotonic() >= deadline:
                 return state
             idle.wait(self.cfg.poll_s)
 

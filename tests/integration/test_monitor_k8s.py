@@ -87,9 +87,13 @@ def test_retraining_runs_as_the_training_job_and_a_restart_follows_it(
     uri = data_uri(STORE, ACTION)
     assert env["ROOST_DATA__URI"] == uri == f"{STORE}/retrain/{ACTION}/data.parquet"
     assert (env["ROOST_DATA__TEXT_COLUMN"], env["ROOST_DATA__LABEL_COLUMN"]) == ("text", "label")
-    body = boto3.client("s3").get_object(
-        Bucket="roost-monitor-k8s", Key=f"monitor/retrain/{ACTION}/data.parquet"
-    )["Body"].read()
+    body = (
+        boto3.client("s3")
+        .get_object(Bucket="roost-monitor-k8s", Key=f"monitor/retrain/{ACTION}/data.parquet")[
+            "Body"
+        ]
+        .read()
+    )
     assert body == data.read_bytes()
 
     # A watcher killed after creating the Job, restarted: the create answers 409, it
