@@ -747,6 +747,7 @@ def test_monitor_store_on_s3_with_a_journal_claim_minio_on_kind_irsa_on_eks(docs
         assert args[args.index("--journal-dir") + 1] == "/var/lib/roost-monitor"
         env = env_of(container)
         assert env["AWS_REGION"] == "us-east-1"
+        assert deployment["spec"]["template"]["metadata"]["labels"]["roost.io/s3-access"] == "true"
         (claim,) = find(docs[name], "PersistentVolumeClaim", "roost-monitor")
         assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
         store = next(v for v in pod["volumes"] if v["name"] == "store")
@@ -797,6 +798,10 @@ def test_monitor_watcher_creates_training_jobs_with_least_privilege(docs) -> Non
             "pods": ["list"],
             "pods/log": ["get"],
         }
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert labels["roost.io/s3-access"] == labels["roost.io/mlflow-access"] == "true"
+        (policy,) = find(docs[name], "NetworkPolicy", "roost-monitor-watch")
+        assert policy["spec"]["ingress"] == []
         (binding,) = find(docs[name], "RoleBinding", "roost-monitor-watch")
         assert binding["subjects"][0]["name"] == "roost-monitor-watch"
     # the watcher and its Job read the store: a local one cannot be shared, so it is refused
