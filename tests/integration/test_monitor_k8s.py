@@ -21,7 +21,7 @@ import pytest
 from roost import tracking
 from roost.errors import ConfigError
 from roost.monitor.k8s_retrain import data_uri, job_name, retrain_job
-from tests.conftest import make_settings
+from tests.conftest import TEST_EPOCHS, make_settings
 from tests.fixtures.k8s.chart import templates_configmap
 from tests.fixtures.k8s.pod import records_a_run
 from tests.fixtures.k8s.replay import ReplayServer, Reply, kubeconfig, serve
@@ -86,7 +86,9 @@ def test_retraining_runs_as_the_training_job_and_a_restart_follows_it(
     env = container_env(manifest)
     uri = data_uri(STORE, ACTION)
     assert env["ROOST_DATA__URI"] == uri == f"{STORE}/retrain/{ACTION}/data.parquet"
-    assert (env["ROOST_DATA__TEXT_COLUMN"], env["ROOST_DATA__LABEL_COLUMN"]) == ("text", "label")
+    # the whole uploaded set (no sample of it), the watcher's training settings
+    assert "ROOST_DATA__MAX_ROWS" not in env
+    assert env["ROOST_TRAIN__EPOCHS"] == str(TEST_EPOCHS)
     body = (
         boto3.client("s3")
         .get_object(Bucket="roost-monitor-k8s", Key=f"monitor/retrain/{ACTION}/data.parquet")[
