@@ -72,3 +72,22 @@ def test_state_file_lease_and_compare_and_swap(tmp_path: Path) -> None:
     saved = states.save(taken)
     assert StateFile(tmp_path, "m").load() == saved
     assert WatchState.loads(saved.dumps()) == saved
+
+
+def test_k8s_retraining_names_its_job_after_the_action_and_needs_an_s3_store(
+    tmp_path: Path,
+) -> None:
+    from typer.testing import CliRunner
+
+    from roost.cli.app import app
+    from roost.monitor.k8s_retrain import job_name
+
+    assert job_name("3F2A-9c41_d0") == "roost-retrain-3f2a9c41d0" == job_name("3f2a9c41d0")
+    result = CliRunner().invoke(app, [
+        "--state-dir", str(tmp_path), "monitor", "watch", "--action", "retrain", "--on", "k8s",
+        "--store", str(tmp_path / "store"), "--once",
+    ])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and "s3://" in result.stderr
+    bad = CliRunner().invoke(app, ["monitor", "watch", "--on", "cloud", "--once"])
+    assert bad.exit_code == 2 and "local or k8s" in bad.stderr
