@@ -57,24 +57,32 @@ class MonitorDemoReport:
 class _Traffic(threading.Thread):
     """v2 requests of TEXTS_PER_REQUEST texts at a steady pace (the demo's clients)."""
 
-    def __init__(self, url: str, texts: list[str]) -> None:
+    def __init__(self, url: str, receiver: str, texts: list[str], labels: list[str]) -> None:
         super().__init__(daemon=True)
-        self.url, self.texts = url, texts
+        self.url, self.receiver, self.texts, self.labels = url, receiver, texts, labels
         self.stop = threading.Event()
         self.sent = self.errors = 0
 
     def run(self) -> None:
         import httpx
 
+        from roost.monitor.events import EVENT_ID_HEADER
+
         i = 0
         with httpx.Client(timeout=30) as c:
             while not self.stop.is_set():
-                chunk = [self.texts[(i + k) % len(self.texts)] for k in range(TEXTS_PER_REQUEST)]
+                picks = [(i + k) % len(self.texts) for k in range(TEXTS_PER_REQUEST)]
                 i += TEXTS_PER_REQUEST
-                body = {"inputs": [{"name": "text", "shape": [len(chunk)], "datatype": "BYTES",
-                                    "data": chunk}]}  # fmt: skip
+                body = {"inputs": [{"name": "text", "shape": [len(picks)], "datatype": "BYTES",
+                                    "data": [self.texts[j] for j in picks]}]}  # fmt: skip
                 try:
-                    ok = c.post(f"{self.url}/v2/models/{DEMO_MODEL}/infer", json=body).is_success
+                    r = c.post(f"{self.url}/v2/models/{DEMO_MODEL}/infer", json=body)
+                    if r.is_success:  # the client learns the truth: feedback by event id
+                        event_id = r.headers[EVENT_ID_HEADER]
+                        labels = [{"id": f"{event_id}/{k}", "label": self.labels[j]}
+                                  for k, j in enumerate(picks)]  # fmt: skip
+                        c.post(f"{self.receiver}/v1/feedback", json={"feedback": labels})
+                    ok = r.is_success
                 except httpx.HTTPError:
                     ok = False
                 self.sent += ok
@@ -166,7 +174,9 @@ def run_monitor_demo(
             ).as_dict()  # fmt: skip
 
         notify(f"normal traffic (test-split texts) for two full {DEMO_WINDOW_S:g}s windows")
-        normal = _Traffic(server.http_url, test["text"].tolist())
+        normal = _Traffic(
+            server.http_url, receiver.url, test["text"].tolist(), test["label"].tolist()
+        )
         normal.start()
         try:
             proc.wait_until(
@@ -184,22 +194,35 @@ def run_monitor_demo(
         )
         positive = test[test["label"] == "positive"]["text"].tolist()
         shifted = [" ".join(positive[i : i + 3]) for i in range(0, len(positive) - 2, 3)]
-        shift = _Traffic(server.http_url, shifted)
+        shift = _Traffic(server.http_url, receiver.url, shifted, ["positive"] * len(shifted))
         shifted_at = time.time()
         shift.start()
-        try:
+
+        def on_decision() -> None:
+            # The clients stop once the watcher has decided; the report shows what it saw.
+            proc.wait_until(
+                lambda: (s := watcher.states.load()).pending is not None or s.history,
+                900, 0.2, what="the decision",
+            )  # fmt: skip
+            shift.finish()
+            out.shifted = report_since(started)
+
+        reporter = threading.Thread(target=on_decision, daemon=True)
+        reporter.start()
+
+        def acted() -> WatchState | None:
             # Each step judges the windows closed since the last; the one that sees the
             # second breached window in a row saves its decision, then retrains and gates.
-            def acted() -> WatchState | None:
-                s = watcher.step()
-                return s if s is not None and s.history else None
+            s = watcher.step()
+            return s if s is not None and s.history else None
 
+        try:
             state = proc.wait_until(
                 acted, 900, 0.5, what="the watcher to detect the drift and retrain"
             )
+            reporter.join(120)
         finally:
             shift.finish()
-        out.shifted = report_since(started)
         entry = state.history[-1]
         out.timings["shift_to_trigger_s"] = round(entry["decided_at"] - shifted_at, 1)
         out.challenger = entry.get("new_version")
