@@ -91,3 +91,19 @@ def test_k8s_retraining_names_its_job_after_the_action_and_needs_an_s3_store(
     assert result.stderr.startswith("error: ") and "s3://" in result.stderr
     bad = CliRunner().invoke(app, ["monitor", "watch", "--on", "cloud", "--once"])
     assert bad.exit_code == 2 and "local or k8s" in bad.stderr
+
+
+def test_monitor_up_keeps_the_journal_local_for_an_s3_store(tmp_path: Path) -> None:
+    from roost.config import load_settings
+    from roost.monitor import local
+
+    s3 = load_settings(None, {"state_dir": tmp_path, "monitor": {"store": "s3://b/events"}})
+    assert local.store_uri(s3) == "s3://b/events"
+    assert local.store_dir(s3) == (tmp_path / "monitor").resolve()
+    argv = local.serve_argv(s3, "127.0.0.1", 1, local.store_dir(s3), local.store_uri(s3))
+    assert argv[argv.index("--store") + 1] == "s3://b/events"
+    assert argv[argv.index("--journal-dir") + 1] == str((tmp_path / "monitor").resolve())
+    plain = load_settings(None, {"state_dir": tmp_path, "monitor": {"store": str(tmp_path / "x")}})
+    assert local.store_uri(plain) == str(local.store_dir(plain)) == str(tmp_path / "x")
+    argv = local.serve_argv(plain, "127.0.0.1", 1, local.store_dir(plain), local.store_uri(plain))
+    assert "--journal-dir" not in argv
