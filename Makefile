@@ -36,6 +36,11 @@ demo: venv ## Run the whole loop locally: MLflow, train, gate, canary, serve, pr
 	@echo ">> roost demo (state in .roost/; MLflow UI URL printed at the end)"
 	$(ROOST) demo $(DEMO_ARGS)
 
+.PHONY: monitor-demo
+monitor-demo: venv ## The monitoring loop locally: logging server -> receiver -> drift -> retrain -> challenger.
+	@echo ">> roost demo --monitor (state in .roost/)"
+	$(ROOST) demo --monitor $(DEMO_ARGS)
+
 .PHONY: test
 test: venv checkov apt-deps ## Install everything, then run unit, integration and e2e tests.
 	@echo ">> pytest (unit, integration, e2e, cluster, faults; kind and gpu tests skip themselves without Docker/CUDA)"

@@ -548,7 +548,14 @@ class MonitorSettings(_Section):
     host: str = Field("127.0.0.1", description="Bind address of `roost monitor serve`.")
     port: int = Field(8090, ge=0, le=65535, description="Port of the receiver (0: a free one).")
     store: str | None = Field(
-        None, description="Event store directory; default: state_dir/monitor."
+        None,
+        description="Event store: a directory or an s3:// prefix for the Parquet parts; "
+        "default: state_dir/monitor.",
+    )
+    journal_dir: str | None = Field(
+        None,
+        description="Local directory of the journal and the watch state; default: the store "
+        "directory, or state_dir/monitor when the store is on s3://.",
     )
     url: str | None = Field(
         None, description="Receiver URL for feedback and gauges; default: the `monitor up` one."
@@ -584,6 +591,11 @@ class MonitorSettings(_Section):
     experiment: str = Field("roost-monitoring", description="MLflow experiment of reports.")
     consecutive: int = Field(2, ge=1, description="Watch: breached windows in a row that act.")
     action: Literal["alert", "retrain"] = Field("alert", description="Watch: what a trigger does.")
+    train_on: Literal["local", "k8s"] = Field(
+        "local",
+        description="Watch: retrain in-process (local) or as the chart's training Job (k8s, "
+        "as `roost train --on k8s`; needs an s3:// store).",
+    )
     cooldown_s: float = Field(3600.0, ge=0, description="Watch: quiet time after an action.")
     poll_s: float = Field(10.0, gt=0, description="Watch: seconds between evaluations.")
     lease_s: float = Field(60.0, gt=0, description="Watch: a silent watcher loses its lease.")

@@ -25,10 +25,17 @@ def demo(
     keep_running: Annotated[
         bool, typer.Option(help="Leave MLflow and the model server running at the end.")
     ] = False,
+    monitor: Annotated[
+        bool, typer.Option(help="Show the monitoring loop instead (make monitor-demo).")
+    ] = False,
     json_output: JsonFlag = False,
 ) -> None:
     """Run MLflow, train, gate, canary, serve and predict on this machine (loopback only)."""
     settings = state(ctx).settings(**{"data.max_rows": max_rows, "train.epochs": epochs})
+    if monitor:
+        from roost.cli.monitor import monitor_demo
+
+        return monitor_demo(settings, json_output)
 
     def notify(message: str) -> None:
         if not json_output:

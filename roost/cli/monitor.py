@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from roost.cli.context import state
-from roost.cli.output import JsonFlag, console, emit_json
+from roost.cli.output import EpochProgress, JsonFlag, console, emit_json, interactive
 from roost.errors import ConfigError, Unavailable
+
+if TYPE_CHECKING:
+    from roost.config import Settings
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -28,20 +31,37 @@ def serve(
     store: Annotated[
         str | None,
         typer.Option(
-            help="Event store directory (default: STATE_DIR/monitor).", show_default=False
+            help="Event store: a directory or s3://bucket/prefix (default: STATE_DIR/monitor).",
+            show_default=False,
+        ),
+    ] = None,
+    journal_dir: Annotated[
+        str | None,
+        typer.Option(
+            help="Local journal directory (default: the store directory, or "
+            "STATE_DIR/monitor for an s3:// store).",
+            show_default=False,
         ),
     ] = None,
 ) -> None:
     """Run the event receiver in the foreground (CloudEvents in, Parquet out)."""
     settings = state(ctx).settings(
-        **{"monitor.host": host, "monitor.port": port, "monitor.store": store}
+        **{
+            "monitor.host": host,
+            "monitor.port": port,
+            "monitor.store": store,
+            "monitor.journal_dir": journal_dir,
+        }
     )
     from roost.monitor import local, receiver
 
     cfg = settings.monitor
     root = local.store_dir(settings)
     root.mkdir(parents=True, exist_ok=True)
-    receiver.serve(root, cfg.host, cfg.port, cfg.max_body_bytes, cfg.segment_s, cfg.segment_bytes)
+    receiver.serve(
+        root, cfg.host, cfg.port, cfg.max_body_bytes, cfg.segment_s, cfg.segment_bytes,
+        local.store_uri(settings),
+    )  # fmt: skip
 
 
 @app.command()
@@ -254,7 +274,7 @@ def report(
         reports.flush_receiver(receiver)
     now = dt.datetime.now(dt.UTC)
     result = reports.make_report(
-        local.store_dir(settings), name, resolved, run_id, reference,
+        local.store_uri(settings), name, resolved, run_id, reference,
         now - dt.timedelta(seconds=since_s), now, window_s,
         reports.Thresholds.from_settings(settings.monitor),
     )  # fmt: skip
@@ -300,7 +320,25 @@ def watch(
     ] = None,
     store: Annotated[
         str | None,
-        typer.Option(help="Event store (default: STATE_DIR/monitor).", show_default=False),
+        typer.Option(
+            help="Event store: a directory or s3://bucket/prefix (default: STATE_DIR/monitor).",
+            show_default=False,
+        ),
+    ] = None,
+    journal_dir: Annotated[
+        str | None,
+        typer.Option(
+            help="Local directory of the watch state (default: as for `monitor serve`).",
+            show_default=False,
+        ),
+    ] = None,
+    on: Annotated[
+        str | None,
+        typer.Option(
+            help="Where retraining runs: local (in-process) or k8s (the training Job, as "
+            "`roost train --on k8s`; needs an s3:// store). Default: monitor.train_on = local.",
+            show_default=False,
+        ),
     ] = None,
     once: Annotated[bool, typer.Option(help="Evaluate (and act) once, then exit.")] = False,
     json_output: JsonFlag = False,
@@ -316,6 +354,8 @@ def watch(
 
     if action is not None and action not in ("alert", "retrain"):
         raise typer.BadParameter("expected alert or retrain", param_hint="--action")
+    if on is not None and on not in ("local", "k8s"):
+        raise typer.BadParameter("expected local or k8s", param_hint="--on")
     settings = state(ctx).settings(
         **{
             "registry.model_name": model,
@@ -325,10 +365,18 @@ def watch(
             "monitor.cooldown_s": parse_duration(cooldown, "--cooldown") if cooldown else None,
             "monitor.poll_s": parse_duration(poll, "--poll") if poll else None,
             "monitor.store": store,
+            "monitor.journal_dir": journal_dir,
+            "monitor.train_on": on,
         }
     )
     cfg = settings.monitor
-    watcher = Watcher(settings, local.store_dir(settings), local.receiver_url(settings))
+    if cfg.action == "retrain" and cfg.train_on == "k8s":
+        from roost.monitor.k8s_retrain import data_uri
+
+        data_uri(local.store_uri(settings), "check")  # an s3:// store, or one error line now
+    watcher = Watcher(
+        settings, local.store_uri(settings), local.store_dir(settings), local.receiver_url(settings)
+    )
     if not json_output:
         console.print(
             f"watching {settings.registry.model_name}@{settings.registry.champion_alias}: "
@@ -340,3 +388,40 @@ def watch(
         emit_json(
             dataclasses.asdict(result) if result is not None else {"lease": "held by another"}
         )
+
+
+def monitor_demo(settings: Settings, json_output: bool) -> None:
+    """`roost demo --monitor`: run the loop (roost.monitor.demo) and print what it saw."""
+    from roost.monitor.demo import run_monitor_demo
+
+    def notify(message: str) -> None:
+        if not json_output:
+            console.print(f"[bold cyan]==>[/] {message}")
+
+    with EpochProgress(show_bars=interactive(json_output), quiet=json_output) as progress:
+        result = run_monitor_demo(settings, notify, progress)
+    if json_output:
+        emit_json(result.to_dict())
+        return
+    console.rule("normal traffic: the report")
+    render_report(result.normal)
+    console.rule("shifted traffic: the report")
+    render_report(result.shifted)
+    console.rule("roost monitor demo summary")
+    trigger = result.trigger
+    console.print(f"MLflow UI       {result.tracking_uri}")
+    console.print(f"events stored   {result.store} (receiver {result.receiver_url})")
+    console.print(
+        f"trigger         {trigger.get('action')} on v{result.champion}: "
+        f"{', '.join(trigger.get('breached') or [])} breached in "
+        f"{len(trigger.get('windows') or [])} windows in a row"
+    )
+    console.print(
+        f"challenger      v{result.challenger} -> @{', @'.join(trigger.get('aliases') or [])} "
+        f"(gate: {trigger.get('gate')})"
+    )
+    t = result.timings
+    console.print(
+        f"timings         shift -> trigger {t.get('shift_to_trigger_s')}s, "
+        f"shift -> challenger {t.get('shift_to_challenger_s')}s, total {t.get('total_s')}s"
+    )

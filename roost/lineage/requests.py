@@ -1,16 +1,16 @@
 """From a logged request to the version that answered it: the monitor's Parquet store.
 
 Payload logging (``roost monitor``) stores request/response events as Parquet under one
-directory, partitioned by model and version (hive style, ``model=.../version=.../``). This
-module only reads it: the event whose id is the request id, and the model and version
-recorded with it. Without a configured store it says so; it never guesses a version.
+directory or ``s3://`` prefix, partitioned by model and version (hive style,
+``model=.../version=.../``). This module only reads it: the event whose id is the request
+id, and the model and version recorded with it. Without a configured store it says so; it
+never guesses a version.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from roost.config import Settings
@@ -37,21 +37,27 @@ class LoggedRequest:
 
 def find_request(settings: Settings, request_id: str) -> LoggedRequest:
     """The logged request ``request_id``: which model and version answered it."""
-    from roost.monitor.local import store_dir
+    from roost.monitor.local import store_uri
+    from roost.monitor.store import PartStore
 
     store = settings.lineage.payload_store
-    if not store and (store_dir(settings) / "events").is_dir():
-        store = str(store_dir(settings))  # the local receiver's store (`roost monitor up`)
+    if not store:
+        default = PartStore(store_uri(settings))  # the receiver's store (`roost monitor up`)
+        if default.has("events"):
+            store = default.uri
     if not store:
         raise PayloadLoggingNotConfigured(
             f"{NOT_CONFIGURED}: set lineage.payload_store (ROOST_LINEAGE__PAYLOAD_STORE) to the "
             "monitor's Parquet store to look up --request-id"
         )
-    root = Path(store)
-    if not root.is_dir():
-        raise NotFound(f"payload store {root} does not exist")
-    if (root / "events").is_dir():  # the receiver's layout: events/ beside journal/, feedback/
-        root = root / "events"
+    parts = PartStore(store)
+    from pyarrow import fs as pafs
+
+    if parts.fs.get_file_info(parts.base).type == pafs.FileType.NotFound:
+        raise NotFound(f"payload store {store} does not exist")
+    root = parts.base
+    if parts.fs.get_file_info(f"{root}/events").type == pafs.FileType.Directory:
+        root = f"{root}/events"  # the receiver's layout: events/ beside journal/, feedback/
     import pyarrow as pa
     import pyarrow.dataset as ds
 
@@ -59,7 +65,8 @@ def find_request(settings: Settings, request_id: str) -> LoggedRequest:
     # also carry model and version as string columns).
     keys = ds.partitioning(pa.schema([("model", pa.string()), ("version", pa.string())]),
                            flavor="hive")  # fmt: skip
-    dataset = ds.dataset(str(root), format="parquet", partitioning=keys)
+    dataset = ds.dataset(root, format="parquet", partitioning=keys, filesystem=parts.fs)
+    root = parts.display(root)
     names = set(dataset.schema.names)
     id_column = next((c for c in ID_COLUMNS if c in names), None)
     if id_column is None or not {"model", "version"} <= names:

@@ -5,17 +5,19 @@ only after its journal line was written *and* fsync'd. Appends from concurrent r
 group-committed: whoever arrives while a write is in flight joins the next write, so one
 fsync covers many events and throughput does not fall to one event per disk flush.
 
-Layout under the store's root::
+Layout: the journal under a local directory, the Parquet parts under the store (the same
+directory, or an ``s3://`` prefix; :mod:`roost.monitor.store`)::
 
-    journal/seg-000000012.jsonl                  the active segment (and closed ones, briefly)
-    events/model=M/version=V/hour=YYYY-MM-DDTHH/part-000000012.parquet
-    feedback/hour=YYYY-MM-DDTHH/part-000000012.parquet
+    <local>/journal/seg-000000012.jsonl          the active segment (and closed ones, briefly)
+    <store>/events/model=M/version=V/hour=YYYY-MM-DDTHH/part-000000012.parquet
+    <store>/feedback/hour=YYYY-MM-DDTHH/part-000000012.parquet
 
 A segment is closed when it is big or old enough; a closed segment becomes Parquet files,
-each written to a temporary name, fsync'd and renamed (so a file is either absent or
-complete), then the segment is deleted. Compaction is idempotent: the part files of a
-segment have the segment's number in their name, so redoing it after a crash rewrites the
-same files. A line torn by a crash (never acknowledged) is cut off at start-up.
+each appearing atomically (locally: a temporary name, fsync, rename; on S3: one whole
+object upload), and only once all of them are written is the segment deleted. Compaction
+is idempotent: the part files of a segment have the segment's number in their name, so
+redoing it after a crash rewrites the same files. A line torn by a crash (never
+acknowledged) is cut off at start-up.
 
 Duplicates (the same event id and type delivered twice, as at-least-once senders do) are
 stored once: the keys of every stored event are kept in memory and rebuilt at start-up.
@@ -38,6 +40,7 @@ from typing import Any
 import orjson
 
 from roost.monitor import events
+from roost.monitor.store import PartStore
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +108,10 @@ class Journal:
         root: Path,
         segment_bytes: int = 32 << 20,
         segment_s: float = 60.0,
+        store: str | Path | PartStore | None = None,
     ) -> None:
         self.root = root
+        self.store = PartStore.of(store if store is not None else root)
         self.journal_dir = root / "journal"
         self.segment_bytes = segment_bytes
         self.segment_s = segment_s
@@ -136,14 +141,18 @@ class Journal:
             self._repair(path)
             for record in read_segment(path):
                 self.seen.add(record.key)
-        self.seen |= stored_keys(self.root)
+        self.seen |= stored_keys(self.store)
         self._segment = (segments[-1][0] + 1) if segments else 1
         self._open_segment()
         self._compactor = threading.Thread(target=self._compact_loop, name="compactor", daemon=True)
         self._compactor.start()
         self._compact_wake.set()  # the segments left by the last process
         log.info(
-            "journal open root=%s keys=%d segment=%d", self.root, len(self.seen), self._segment
+            "journal open root=%s store=%s keys=%d segment=%d",
+            self.root,
+            self.store.uri,
+            len(self.seen),
+            self._segment,
         )
 
     def segments(self) -> list[tuple[int, Path]]:
@@ -281,7 +290,7 @@ class Journal:
             for number, path in self.segments():
                 if number >= self._segment:
                     break
-                write_parts(self.root, number, list(read_segment(path)))
+                write_parts(self.store, number, list(read_segment(path)))
                 path.unlink()
                 _fsync_dir(self.journal_dir)
                 done += 1
@@ -340,10 +349,11 @@ def _safe(value: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", value) or "unknown"
 
 
-def write_parts(root: Path, segment: int, records: list[Record]) -> list[Path]:
-    """Write one segment's records as Parquet parts (atomic renames); returns the paths."""
+def write_parts(store: str | Path | PartStore, segment: int, records: list[Record]) -> list[str]:
+    """Write one segment's records as Parquet parts (each atomic); returns their URIs."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
+
+    parts = PartStore.of(store)
 
     from roost.monitor import payloads
 
@@ -391,26 +401,13 @@ def write_parts(root: Path, segment: int, records: list[Record]) -> list[Path]:
         )
     written = []
     for (model, version, hour), group in rows.items():
-        folder = root / "events" / f"model={model}" / f"version={version}" / f"hour={hour}"
+        folder = f"events/model={model}/version={version}/hour={hour}"
         table = pa.Table.from_pylist(group, schema=event_schema)
-        written.append(_atomic_parquet(folder, segment, table, pq))
+        written.append(parts.write(f"{folder}/part-{segment:09d}.parquet", table))
     for hour, group in feedback.items():
-        folder = root / "feedback" / f"hour={hour}"
         table = pa.Table.from_pylist(group, schema=feedback_schema)
-        written.append(_atomic_parquet(folder, segment, table, pq))
+        written.append(parts.write(f"feedback/hour={hour}/part-{segment:09d}.parquet", table))
     return written
-
-
-def _atomic_parquet(folder: Path, segment: int, table: Any, pq: Any) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"part-{segment:09d}.parquet"
-    tmp = folder / f".part-{segment:09d}.parquet.tmp"
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    _fsync_dir(folder)
-    return final
 
 
 def _schemas() -> tuple[Any, Any]:
@@ -438,18 +435,17 @@ def _schemas() -> tuple[Any, Any]:
     return event, feedback
 
 
-def stored_keys(root: Path) -> set[Key]:
+def stored_keys(store: str | Path | PartStore) -> set[Key]:
     """(id, type) of every event and feedback label already in Parquet."""
-    import pyarrow.parquet as pq
-
+    parts = PartStore.of(store)
     keys: set[Key] = set()
-    for path in (root / "events").rglob("part-*.parquet"):
-        table = pq.read_table(path, columns=["id", "type"])
+    for path in parts.parts("events"):
+        table = parts.read(path, columns=["id", "type"])
         for event_id, kind in zip(
             table.column("id").to_pylist(), table.column("type").to_pylist(), strict=True
         ):
             keys.add((event_id, events.REQUEST_TYPE if kind == "request" else events.RESPONSE_TYPE))
-    for path in (root / "feedback").rglob("part-*.parquet"):
-        table = pq.read_table(path, columns=["id"])
+    for path in parts.parts("feedback"):
+        table = parts.read(path, columns=["id"])
         keys.update((event_id, FEEDBACK_TYPE) for event_id in table.column("id").to_pylist())
     return keys

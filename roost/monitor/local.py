@@ -24,8 +24,22 @@ class ReceiverState:
     started_at: float
 
 
+def store_uri(settings: Settings) -> str:
+    """Where the Parquet parts go: ``monitor.store`` (a directory or ``s3://``), else local."""
+    store = settings.monitor.store
+    if store and store.startswith("s3://"):
+        return store
+    return str(store_dir(settings))
+
+
 def store_dir(settings: Settings) -> Path:
-    return Path(settings.monitor.store or settings.state_dir / "monitor").resolve()
+    """The local directory: journal, watch state, logs (and the parts unless on ``s3://``)."""
+    cfg = settings.monitor
+    if cfg.journal_dir:
+        return Path(cfg.journal_dir).resolve()
+    if cfg.store and not cfg.store.startswith("s3://"):
+        return Path(cfg.store).resolve()
+    return (settings.state_dir / "monitor").resolve()
 
 
 def state_file(settings: Settings) -> Path:
@@ -53,11 +67,16 @@ def receiver_url(settings: Settings) -> str | None:
     return None
 
 
-def serve_argv(settings: Settings, host: str, port: int, store: Path) -> list[str]:
+def serve_argv(
+    settings: Settings, host: str, port: int, store: Path, parts: str | None = None
+) -> list[str]:
     argv = [sys.executable, "-m", "roost"]
     if settings.state_dir:
         argv += ["--state-dir", str(settings.state_dir)]
-    return [*argv, "monitor", "serve", "--host", host, "--port", str(port), "--store", str(store)]
+    argv += ["monitor", "serve", "--host", host, "--port", str(port)]
+    if parts is not None and parts != str(store):
+        return [*argv, "--store", parts, "--journal-dir", str(store)]
+    return [*argv, "--store", str(store)]
 
 
 def up(settings: Settings, port: int = 0) -> ReceiverState:
@@ -73,14 +92,14 @@ def up(settings: Settings, port: int = 0) -> ReceiverState:
     port = port or proc.free_port(cfg.host)
     url = f"http://{cfg.host}:{port}"
     server = proc.start_background(
-        serve_argv(settings, cfg.host, port, store), store / "receiver.log"
+        serve_argv(settings, cfg.host, port, store, store_uri(settings)), store / "receiver.log"
     )
     try:
         proc.wait_http(url + "/healthz", cfg.startup_timeout_s, server, what="monitor receiver")
     except Exception:
         server.stop()
         raise
-    state = ReceiverState(server.pid, url, str(store), str(server.log_file), time.time())
+    state = ReceiverState(server.pid, url, store_uri(settings), str(server.log_file), time.time())
     path = state_file(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -114,11 +114,18 @@ def parse_feedback(doc: Any) -> list[tuple[str, str]]:
     return out
 
 
-def create_app(root: Path, max_body_bytes: int, segment_s: float, segment_bytes: int) -> Starlette:
-    """The receiver app over a store at ``root`` (opened on start-up, closed on shutdown)."""
+def create_app(
+    root: Path,
+    max_body_bytes: int,
+    segment_s: float,
+    segment_bytes: int,
+    store: str | None = None,
+) -> Starlette:
+    """The receiver app: its journal under ``root``, Parquet parts in ``store`` (default:
+    ``root``; a directory or ``s3://``). Opened on start-up, closed on shutdown."""
     from roost.serving.guard import BodyLimit
 
-    journal = Journal(root, segment_bytes=segment_bytes, segment_s=segment_s)
+    journal = Journal(root, segment_bytes=segment_bytes, segment_s=segment_s, store=store)
     metrics = Metrics()
 
     async def ingest(request: Request) -> Response:
@@ -153,7 +160,12 @@ def create_app(root: Path, max_body_bytes: int, segment_s: float, segment_bytes:
         return JSONResponse({"stored": stored, "duplicates": duplicates})
 
     async def flush(_: Request) -> Response:
-        await asyncio.get_running_loop().run_in_executor(None, journal.flush)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, journal.flush)
+        except Exception as exc:  # the store is down: the journal keeps every event
+            log.warning("flush: compaction failed: %s", exc)
+            return _error(f"store: compaction failed, the journal keeps the events: {exc}",
+                          503, metrics)  # fmt: skip
         return JSONResponse({"stored": journal.stored, "segments": journal.compacted_segments})
 
     async def drift(request: Request) -> Response:
@@ -226,9 +238,10 @@ def serve(
     max_body_bytes: int,
     segment_s: float,
     segment_bytes: int,
+    store: str | None = None,
 ) -> None:
     import uvicorn
 
-    app = create_app(root, max_body_bytes, segment_s, segment_bytes)
-    log.info("monitor receiver root=%s http=%s:%d", root, host, port)
+    app = create_app(root, max_body_bytes, segment_s, segment_bytes, store)
+    log.info("monitor receiver journal=%s store=%s http=%s:%d", root, store or root, host, port)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

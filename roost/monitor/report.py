@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from roost.monitor import stats
 from roost.monitor.profile import Profile, word_tokens
+from roost.monitor.store import PartStore
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -143,24 +144,24 @@ def evaluate_window(
 
 
 # -- reading the store ---------------------------------------------------------------------
-def load_traffic(root: Path, model: str, since: dt.datetime) -> pd.DataFrame:
+def load_traffic(store: str | Path | PartStore, model: str, since: dt.datetime) -> pd.DataFrame:
     """One row per logged text of ``model`` since ``since``: id, key, time, version, text,
-    label, confidence (pairs of request and response joined by id)."""
+    label, confidence (pairs of request and response joined by id). ``store``: a local
+    directory or an ``s3://`` prefix."""
     import pandas as pd
-    import pyarrow.parquet as pq
 
+    parts = PartStore.of(store)
     columns = ["id", "type", "time", "version", "texts", "labels", "confidences"]
     frames = []
-    folder = root / "events" / f"model={model}"
-    for path in sorted(folder.rglob("part-*.parquet")):
-        hour = path.parent.name.removeprefix("hour=")
+    for path in parts.parts(f"events/model={model}"):
+        hour = path.rsplit("/", 2)[-2].removeprefix("hour=")
         try:
             hour_end = dt.datetime.strptime(hour, "%Y-%m-%dT%H").replace(tzinfo=dt.UTC)
         except ValueError:
             hour_end = None
         if hour_end is not None and hour_end + dt.timedelta(hours=1) < since:
             continue
-        frames.append(pq.read_table(path, columns=columns).to_pandas())
+        frames.append(parts.read(path, columns=columns).to_pandas())
     empty = pd.DataFrame(columns=["id", "key", "time", "version", "text", "label", "confidence"])
     if not frames:
         return empty
@@ -204,13 +205,12 @@ def _na(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
-def load_feedback(root: Path) -> dict[str, str]:
+def load_feedback(store: str | Path | PartStore) -> dict[str, str]:
     """Feedback labels by event id (the first one stored for an id)."""
-    import pyarrow.parquet as pq
-
+    parts = PartStore.of(store)
     out: dict[str, str] = {}
-    for path in sorted((root / "feedback").rglob("part-*.parquet")):
-        table = pq.read_table(path, columns=["id", "label"])
+    for path in parts.parts("feedback"):
+        table = parts.read(path, columns=["id", "label"])
         for event_id, label in zip(
             table.column("id").to_pylist(), table.column("label").to_pylist(), strict=True
         ):
@@ -291,7 +291,7 @@ class Report:
 
 
 def make_report(
-    root: Path,
+    root: str | Path | PartStore,
     model: str,
     version: str,
     run_id: str,
@@ -301,6 +301,7 @@ def make_report(
     window_s: float,
     limits: Thresholds,
 ) -> Report:
+    root = PartStore.of(root)
     traffic = load_traffic(root, model, since)
     if len(traffic):
         traffic = traffic[(traffic.version == version) | (traffic.version == "unknown")]

@@ -211,7 +211,7 @@ class _TagRun:
         pass
 
 
-def retrain_data(settings: Settings, store: Path, out: Path) -> tuple[Path, int]:
+def retrain_data(settings: Settings, store: str | Path, out: Path) -> tuple[Path, int]:
     """The reference data (its configured sample) plus every labelled logged text, as Parquet."""
     import pandas as pd
 
@@ -245,15 +245,28 @@ def retrain_data(settings: Settings, store: Path, out: Path) -> tuple[Path, int]
 class Watcher:
     """One watcher process: evaluate, decide, act, record."""
 
-    def __init__(self, settings: Settings, store: Path, receiver: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: str | Path,
+        workdir: Path | None = None,
+        receiver: str | None = None,
+    ) -> None:
+        """``store``: the Parquet parts (a directory or ``s3://``); ``workdir``: the local
+        directory of the watch state and retraining data (default: ``store``, if local)."""
         from roost import tracking
 
         self.settings = settings
         self.cfg = settings.monitor
-        self.store = store
+        self.store = str(store)
+        if workdir is None:
+            if self.store.startswith("s3://"):
+                raise ValueError("a watcher over an s3:// store needs a local workdir")
+            workdir = Path(self.store)
+        self.workdir = workdir
         self.receiver = receiver
         self.model = settings.registry.model_name
-        self.states = StateFile(store / "watch", self.model)
+        self.states = StateFile(workdir / "watch", self.model)
         self.owner = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:6]}"
         self.tracking_uri = tracking.use(settings)
         self._profiles: dict[str, tuple[str, Any]] = {}
@@ -330,7 +343,7 @@ class Watcher:
         pending = state.pending
         assert pending is not None
         client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
-        workdir = self.store / "watch" / "actions" / pending.id
+        workdir = self.workdir / "watch" / "actions" / pending.id
         run_id = pending.run_id or self._finished_run(client, pending.id)
         extra = None
         if run_id is None:
@@ -343,8 +356,12 @@ class Watcher:
             log.info(
                 "retraining model=%s action=%s feedback_rows=%d", self.model, pending.id, extra
             )
-            outcome = run_training(overrides, _TagRun(pending.id))
-            run_id = outcome.run_id
+            if self.cfg.train_on == "k8s":
+                from roost.monitor.k8s_retrain import retrain_job
+
+                run_id = retrain_job(self.settings, self.store, pending.id, path)
+            else:
+                run_id = run_training(overrides, _TagRun(pending.id)).run_id
             client.set_tag(run_id, ACTION_TAG, pending.id)
             state = self.states.save(
                 dataclasses.replace(state, pending=dataclasses.replace(pending, run_id=run_id))
@@ -431,9 +448,18 @@ class Watcher:
         deadline = None if stop_after is None else time.monotonic() + stop_after
         idle = threading.Event()
         state = None
+        from roost.errors import RoostError
+
         while True:
-            state = self.step()
-            if once or (deadline is not None and time.monotonic() >= deadline):
+            if once:
+                return self.step()
+            try:
+                state = self.step()
+            except RoostError as exc:
+                # No champion yet, MLflow or the store briefly away: a long-running watcher
+                # waits and tries again (a Deployment must not crash-loop on a fresh release).
+                log.warning("waiting: %s", exc)
+            if deadline is not None and time.monotonic() >= deadline:
                 return state
             idle.wait(self.cfg.poll_s)
 

@@ -366,3 +366,48 @@ def test_monitor_receiver_takes_events_at_the_url_the_isvc_logger_renders(stack:
     assert missing_id.status_code == 400 and "ce-id" in missing_id.json()["error"]
     assert receiver.alive()
     receiver.stop()
+
+
+def test_monitor_watcher_runs_one_pass_over_the_s3_store(
+    stack: Stack, api: dict[str, Any], served: Served
+) -> None:
+    """The watcher Deployment with its rendered args (one `--once` pass): the receiver
+    compacts into the bucket (MinIO's keys, the rendered s3:// store), the watcher reads that
+    store, judges the champion `served` promoted, and takes its lease; nothing is triggered."""
+    import httpx
+
+    runner = stack.runner
+    service = runner.rendered.get("Service", f"{RELEASE}-monitor")
+    local = runner.loopback.bind(service.name, int(service.doc["spec"]["ports"][0]["port"]))
+    receiver_manifest = runner.rendered.get("Deployment", f"{RELEASE}-monitor")
+    (spec_container,) = receiver_manifest.doc["spec"]["template"]["spec"]["containers"]
+    receiver = runner.start(runner.container(
+        receiver_manifest, ports={int(spec_container["ports"][0]["containerPort"]): local},
+    ))  # fmt: skip
+    receiver.wait_ready(180)
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-id": "watch-1",
+        "ce-type": "org.kubeflow.serving.inference.request",
+        "ce-source": "/x",
+        "ce-inferenceservicename": "sentiment",
+        "content-type": "application/json",
+    }
+    body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["fine"]}]}
+    url = f"http://127.0.0.1:{local}"
+    assert httpx.post(url, headers=headers, json=body, timeout=30).status_code == 200
+
+    deployment = runner.rendered.get("Deployment", f"{RELEASE}-monitor-watch")
+    container = runner.container(
+        deployment, add_env=[{"name": "KUBECONFIG", "value": str(api["kubeconfig"])}]
+    )
+    args = container.argv
+    assert args[args.index("--store") + 1].startswith("s3://")
+    runner.run_once(container, [*args, "--once"], timeout=300)
+    receiver.stop()
+    state_file = container.mounts["/var/lib/roost-watch"] / "watch" / "sentiment.json"
+    state = json.loads(state_file.read_text())
+    assert state["model"] == "sentiment" and state["owner"], state  # the lease was taken
+    assert state["pending"] is None and not state["history"], state
+    keys = stack.s3_client().list_objects_v2(Bucket="roost", Prefix="monitor/events/")
+    assert [o["Key"] for o in keys.get("Contents", [])], "the receiver compacted nothing to S3"

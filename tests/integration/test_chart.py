@@ -732,3 +732,78 @@ def test_batch_indexed_job_template(docs) -> None:
     assert sa["automountServiceAccountToken"] is False
     # the values' shape is checked by the schema
     assert "/batch/shards" in schema_error({"batch": {"shards": 0}})
+
+
+def test_monitor_store_on_s3_with_a_journal_claim_minio_on_kind_irsa_on_eks(docs) -> None:
+    """monitor.store s3://: MinIO's keys on kind, IRSA on EKS (as MLflow's artifacts); the
+    journal on a PersistentVolumeClaim the chart creates (monitor.persistence)."""
+    assert not find(docs["default"], "PersistentVolumeClaim", "roost-monitor")
+    for name, bucket in (("kind", "roost"), ("eks", "roost-artifacts-123456789012")):
+        (deployment,) = find(docs[name], "Deployment", "roost-monitor")
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        args = container["args"]
+        assert args[args.index("--store") + 1] == f"s3://{bucket}/monitor"
+        assert args[args.index("--journal-dir") + 1] == "/var/lib/roost-monitor"
+        env = env_of(container)
+        assert env["AWS_REGION"] == "us-east-1"
+        assert deployment["spec"]["template"]["metadata"]["labels"]["roost.io/s3-access"] == "true"
+        (claim,) = find(docs[name], "PersistentVolumeClaim", "roost-monitor")
+        assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+        store = next(v for v in pod["volumes"] if v["name"] == "store")
+        assert store == {"name": "store", "persistentVolumeClaim": {"claimName": "roost-monitor"}}
+    kind_env = env_of(find(docs["kind"], "Deployment", "roost-monitor")[0]["spec"]["template"]
+                      ["spec"]["containers"][0])  # fmt: skip
+    assert kind_env["MLFLOW_S3_ENDPOINT_URL"] == "http://roost-minio.roost.svc.cluster.local:9000"
+    assert kind_env["AWS_ACCESS_KEY_ID"] == {
+        "secretKeyRef": {"name": "roost-minio", "key": "AWS_ACCESS_KEY_ID"}
+    }
+    (eks_deployment,) = find(docs["eks"], "Deployment", "roost-monitor")
+    eks_env = env_of(eks_deployment["spec"]["template"]["spec"]["containers"][0])
+    assert "AWS_ACCESS_KEY_ID" not in eks_env and "MLFLOW_S3_ENDPOINT_URL" not in eks_env
+    (sa,) = find(docs["eks"], "ServiceAccount", "roost-monitor")
+    assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].endswith(
+        ":role/roost-monitor"
+    )
+    # a local store stays a plain directory on the volume
+    (plain,) = find(documents(render(values_of([], {"monitor": {"enabled": True}}))),
+                    "Deployment", "roost-monitor")  # fmt: skip
+    (container,) = plain["spec"]["template"]["spec"]["containers"]
+    assert container["args"][container["args"].index("--store") + 1] == "/var/lib/roost-monitor"
+    assert "AWS_REGION" not in env_of(container)
+
+
+def test_monitor_watcher_creates_training_jobs_with_least_privilege(docs) -> None:
+    """The watcher Deployment (off by default, on in kind/EKS) runs `roost monitor watch --on
+    k8s` with a Role that can create the training Job and follow it, nothing more."""
+    assert not find(docs["default"], "Deployment", "roost-monitor-watch")
+    for name in ("kind", "eks", "ci-kind", "ci-eks"):
+        (deployment,) = find(docs[name], "Deployment", "roost-monitor-watch")
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        args = container["args"]
+        assert args[:2] == ["monitor", "watch"]
+        assert args[args.index("--on") + 1] == "k8s"
+        assert args[args.index("--action") + 1] == "retrain"
+        assert args[args.index("--store") + 1].startswith("s3://")
+        env = env_of(container)
+        assert env["ROOST_K8S__TEMPLATES_CONFIGMAP"] == "roost-templates"
+        assert env["MLFLOW_TRACKING_URI"].startswith("http://roost-mlflow.")
+        assert env["ROOST_MONITOR__URL"] == "http://roost-monitor.roost.svc.cluster.local:8090"
+        assert pod["serviceAccountName"] == "roost-monitor-watch"
+        (role,) = find(docs[name], "Role", "roost-monitor-watch")
+        assert {r["resources"][0]: sorted(r["verbs"]) for r in role["rules"]} == {
+            "configmaps": ["get"],
+            "jobs": ["create", "get"],
+            "pods": ["list"],
+            "pods/log": ["get"],
+        }
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert labels["roost.io/s3-access"] == labels["roost.io/mlflow-access"] == "true"
+        (policy,) = find(docs[name], "NetworkPolicy", "roost-monitor-watch")
+        assert policy["spec"]["ingress"] == []
+        (binding,) = find(docs[name], "RoleBinding", "roost-monitor-watch")
+        assert binding["subjects"][0]["name"] == "roost-monitor-watch"
+    # the watcher and its Job read the store: a local one cannot be shared, so it is refused
+    with pytest.raises(Exception, match=r"needs monitor\.store on s3://"):
+        render(values_of([], {"monitor": {"enabled": True, "watcher": {"enabled": True}}}))

@@ -72,3 +72,38 @@ def test_state_file_lease_and_compare_and_swap(tmp_path: Path) -> None:
     saved = states.save(taken)
     assert StateFile(tmp_path, "m").load() == saved
     assert WatchState.loads(saved.dumps()) == saved
+
+
+def test_k8s_retraining_names_its_job_after_the_action_and_needs_an_s3_store(
+    tmp_path: Path,
+) -> None:
+    from typer.testing import CliRunner
+
+    from roost.cli.app import app
+    from roost.monitor.k8s_retrain import job_name
+
+    assert job_name("3F2A-9c41_d0") == "roost-retrain-3f2a9c41d0" == job_name("3f2a9c41d0")
+    result = CliRunner().invoke(app, [
+        "--state-dir", str(tmp_path), "monitor", "watch", "--action", "retrain", "--on", "k8s",
+        "--store", str(tmp_path / "store"), "--once",
+    ])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and "s3://" in result.stderr
+    bad = CliRunner().invoke(app, ["monitor", "watch", "--on", "cloud", "--once"])
+    assert bad.exit_code == 2 and "local or k8s" in bad.stderr
+
+
+def test_monitor_up_keeps_the_journal_local_for_an_s3_store(tmp_path: Path) -> None:
+    from roost.config import load_settings
+    from roost.monitor import local
+
+    s3 = load_settings(None, {"state_dir": tmp_path, "monitor": {"store": "s3://b/events"}})
+    assert local.store_uri(s3) == "s3://b/events"
+    assert local.store_dir(s3) == (tmp_path / "monitor").resolve()
+    argv = local.serve_argv(s3, "127.0.0.1", 1, local.store_dir(s3), local.store_uri(s3))
+    assert argv[argv.index("--store") + 1] == "s3://b/events"
+    assert argv[argv.index("--journal-dir") + 1] == str((tmp_path / "monitor").resolve())
+    plain = load_settings(None, {"state_dir": tmp_path, "monitor": {"store": str(tmp_path / "x")}})
+    assert local.store_uri(plain) == str(local.store_dir(plain)) == str(tmp_path / "x")
+    argv = local.serve_argv(plain, "127.0.0.1", 1, local.store_dir(plain), local.store_uri(plain))
+    assert "--journal-dir" not in argv
