@@ -94,6 +94,11 @@ def loop(
         "ROOST_SERVING__MODEL_NAME": MODEL,
         "ROOST_DATA__MAX_ROWS": "6000",
         "ROOST_TRAIN__EPOCHS": "4",
+        # Two models trained on same-sized samples differ by noise on the gate's held-out split,
+        # so a strict gate (+0.0) refused the retrained model in 1 of ~4 runs (it landed as
+        # `candidate`). This test is about the loop (detect, decide once, retrain, hand over),
+        # not about retraining beating the champion, so the gate tolerates a small regression.
+        "ROOST_REGISTRY__MIN_IMPROVEMENT": "-0.05",
         "ROOST_MONITOR__STORE": str(receiver.store),
         "ROOST_MONITOR__URL": receiver.url,
         "ROOST_MONITOR__MIN_EVENTS": str(MIN_EVENTS),
