@@ -37,6 +37,7 @@ from roost.rollout.backends.nginx import (
     CHALLENGER,
     CHAMPION,
     STATUS_PATH,
+    VARIANT_HEADER,
     Proxy,
     ServerRecord,
     Topology,
@@ -305,6 +306,7 @@ class LocalBackend(Backend):
             record: ServerRecord | None = getattr(topology, role)
             if record is not None:
                 out[role] = f"v{record.version} {record.http_url} (pid {record.pid})"
+                out[f"pin_{role}"] = f"{VARIANT_HEADER}: {role} (v{record.version})"
         return out
 
     def shutdown(self) -> None:
