@@ -45,6 +45,11 @@ def status_of(text: str) -> dict:  # type: ignore[type-arg]
     return json.loads(text.split("return 200 '", 1)[1].split("';", 1)[0])  # type: ignore[no-any-return]
 
 
+def refusal(block: str, pin: str) -> str:
+    """The body of ``if ($roost_pin = <pin>) { ... }`` in one server's ``location /``."""
+    return block.split(f"if ($roost_pin = {pin}) {{", 1)[1].split("\n            }", 1)[0].strip()
+
+
 def pin_map(text: str) -> dict[str, str]:
     """The ``$roost_pin`` map as {source: value}."""
     block = text.split("$roost_pin {", 1)[1].split("}", 1)[0]
@@ -82,8 +87,8 @@ def test_without_a_challenger_a_challenger_pin_is_refused_not_rerouted(tmp_path:
     assert "roost_challenger {" not in text and "upstream roost_challenger" not in text
     assert pin_map(text)["~*^challenger$"] == "none"
     assert status_of(text)["variants"] == {"champion": "4", "challenger": None}
-    body = text.split("if ($roost_pin = none) {", 1)[1].split("}", 1)[0]
-    assert body.strip().startswith("return 409 '")
+    body = refusal(text, "none")
+    assert body.startswith("return 409 '") and body.endswith("';")
     error = json.loads(body.split("'", 2)[1])["error"]
     assert error.startswith(f"{VARIANT_HEADER}: challenger:") and "v4" in error
 
@@ -91,14 +96,14 @@ def test_without_a_challenger_a_challenger_pin_is_refused_not_rerouted(tmp_path:
 def test_unknown_values_get_a_json_400_and_grpc_invalid_argument(tmp_path: Path) -> None:
     text = render_config(tmp_path, topology(), 50, "5", run_as_root=False)
     rest, grpc = text.split("location / {", 2)[1:]
-    bad_rest = rest.split("if ($roost_pin = bad) {", 1)[1].split("}", 1)[0].strip()
+    bad_rest = refusal(rest, "bad")
     assert bad_rest.startswith("return 400 '")
     document = json.loads(bad_rest.split("'", 2)[1])
     assert list(document) == ["error"] and document["error"].startswith(VARIANT_HEADER)
     assert "champion or challenger" in document["error"]
-    bad_grpc = grpc.split("if ($roost_pin = bad) {", 1)[1].split("}", 1)[0]
+    bad_grpc = refusal(grpc, "bad")
     assert "add_header grpc-status 3 always;" in bad_grpc and "return 204;" in bad_grpc
-    none_grpc = grpc.split("if ($roost_pin = none) {", 1)[1].split("}", 1)[0]
+    none_grpc = refusal(grpc, "none")
     assert "add_header grpc-status 9 always;" in none_grpc
 
 

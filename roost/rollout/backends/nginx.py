@@ -99,7 +99,7 @@ def variant_errors(topology: Topology) -> dict[str, tuple[int, int, str]]:
         "bad": (
             400,
             GRPC_INVALID_ARGUMENT,
-            f"{VARIANT_HEADER}: unknown value; expected {expected} (any case), "
+            f"{VARIANT_HEADER}: unknown value, expected {expected} (any case) "
             "or no header for the weighted split",
         ),
         "none": (
