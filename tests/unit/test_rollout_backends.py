@@ -104,8 +104,9 @@ def test_nginx_config_splits_rest_and_grpc_by_weight(
     )
     assert f"$roost_grpc_side {grpc_rule}" in text
     status = json.loads(text.split("return 200 '", 1)[1].split("';", 1)[0])
+    variants = {"champion": "1", "challenger": "2"}
     assert status == {"weight": weight, "challenger": "2" if weight else None, "champion": "1",
-                      "generation": 3, "variants": {"champion": "1", "challenger": "2"}}  # fmt: skip
+                      "generation": 3, "variants": variants}  # fmt: skip
     assert "listen 127.0.0.1:18080;" in text and "listen 127.0.0.1:18081 http2;" in text
     assert "user root" not in text
     assert str(tmp_path / "access.log") in text and str(tmp_path / "tmp" / "body") in text

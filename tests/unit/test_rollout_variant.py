@@ -65,7 +65,10 @@ def test_a_pinned_challenger_is_an_upstream_at_every_weight(tmp_path: Path, weig
     assert "upstream roost_challenger_grpc { server 127.0.0.1:9004;" in text
     assert "upstream roost_champion { server 127.0.0.1:9001;" in text
     assert pin_map(text) == {
-        "default": "bad", '""': '""', "~*^champion$": "champion", "~*^challenger$": "challenger"
+        "default": "bad",
+        '""': '""',
+        "~*^champion$": "champion",
+        "~*^challenger$": "challenger",
     }
     # The pin decides first; the split only when there is none.
     assert (
@@ -197,9 +200,7 @@ def test_variant_routes_follow_the_tags_kserve_sets() -> None:
     isvc["status"] = fixture("isvc-canary-25.json")["status"]
     routes = variant_routes(isvc)
     assert routes["champion"].startswith("Knative-Serving-Tag: prev (sentiment-predictor-00003")
-    assert routes["challenger"].startswith(
-        "Knative-Serving-Tag: latest (sentiment-predictor-00004"
-    )
+    assert routes["challenger"].startswith("Knative-Serving-Tag: latest (sentiment-predictor-00004")
     # At 100 % KServe drops the prev target: the champion cannot be pinned any more.
     traffic = isvc["status"]["components"]["predictor"]["traffic"]
     traffic[:] = [dict(traffic[0], percent=100)]

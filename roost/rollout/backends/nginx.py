@@ -124,7 +124,7 @@ def _variant_maps(has_challenger: bool) -> list[str]:
         '    map $roost_pin $roost_route { "" $roost_side; champion roost_champion; '
         'challenger roost_challenger; default ""; }',
         '    map $roost_pin $roost_grpc_route { "" $roost_grpc_side; '
-        "champion roost_champion_grpc; challenger roost_challenger_grpc; default \"\"; }",
+        'champion roost_champion_grpc; challenger roost_challenger_grpc; default ""; }',
     ]
 
 
