@@ -12,6 +12,11 @@ must be answered by the named side, identified by the server's own ``x-roost-mod
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -154,26 +159,72 @@ def test_a_pinned_request_reaches_the_named_side_at_every_weight(pinning: Pinnin
           f"{json.dumps(seen)}")  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Raw:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def raw_post(pinning: Pinning, header_lines: list[bytes]) -> Raw:
+    """A REST v2 request written byte for byte on a socket: the header values reach nginx
+    exactly as given (an HTTP client library would refuse or normalise the odd ones)."""
+    body = json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1],
+                                   "data": [TEXT]}]}).encode()  # fmt: skip
+    port = int(pinning.url.rsplit(":", 1)[1])
+    head = [
+        f"POST /v2/models/{pinning.served}/infer HTTP/1.1".encode(),
+        b"Host: 127.0.0.1",
+        b"Content-Type: application/json",
+        f"Content-Length: {len(body)}".encode(),
+        b"Connection: close",
+        *header_lines,
+    ]
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head_bytes, _, payload = data.partition(b"\r\n\r\n")
+    lines = head_bytes.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (x.split(":", 1) for x in lines[1:])}
+    if headers.get("transfer-encoding") == "chunked":  # one chunk is enough for these bodies
+        size, _, rest = payload.partition(b"\r\n")
+        payload = rest[: int(size, 16)]
+    return Raw(int(lines[0].split()[1]), headers, payload)
+
+
+def pin_line(value: bytes) -> list[bytes]:
+    return [VARIANT_HEADER.encode() + b":" + value]
+
+
 ACCEPTED = {
-    "Challenger": "challenger",
-    "CHAMPION": "champion",
-    "  challenger  ": "challenger",  # HTTP strips surrounding whitespace from header values
-    "": None,  # empty = no header: the weighted split
+    b"Challenger": "challenger",
+    b"CHAMPION": "champion",
+    b"cHaLlEnGeR": "challenger",
+    b"   challenger   ": "challenger",  # whitespace around a value is not part of it (RFC 9110)
+    b"\tchampion": "champion",
+    b" \tChampion\t ": "champion",
+    b"": None,  # empty: the same as no header, the weighted split
 }
 REFUSED = [
-    "bogus",
-    "champion,challenger",
-    "champion challenger",
-    "challenger;q=1",
-    "challengers",
-    "prev",
-    "latest",
-    "../../etc/passwd",
-    "' or 1=1 --",
-    '"}; return 200 "x',
-    "$roost_route",
-    "challenger%00",
-    "x" * 4000,
+    b"bogus",
+    b"champion,challenger",
+    b"champion challenger",
+    b"challenger;q=1",
+    b"challengers",
+    b"xchampion",
+    b"prev",
+    b"latest",
+    b"../../etc/passwd",
+    b"' or 1=1 --",
+    b'"}; return 200 "x',
+    b"$roost_route",
+    b"roost_challenger",
+    b"challenger%00",
+    b"ch\xc3\xa1mpion",  # UTF-8
+    b"\xff\xfechampion",  # not UTF-8 at all
+    b"x" * 4000,
 ]
 
 
@@ -182,28 +233,29 @@ def test_hostile_header_values(pinning: Pinning) -> None:
     versions = {"champion": pinning.champion, "challenger": pinning.challenger}
     for value, side in ACCEPTED.items():
         for _ in range(6):
-            response = pinning.rest({VARIANT_HEADER: value})
-            assert response.status_code == 200, (value, response.text)
+            answer = raw_post(pinning, pin_line(value))
+            assert answer.status == 200, (value, answer.status, answer.body[:200])
             if side is not None:
-                assert response.headers[VERSION_HEADER] == versions[side], value
-    for value in [*REFUSED, "chámpion".encode()]:
-        response = pinning.rest([(VARIANT_HEADER.encode(), value.encode()
-                                  if isinstance(value, str) else value)])  # fmt: skip
-        assert response.status_code == 400, (value, response.status_code, response.text[:200])
-        assert response.headers["content-type"] == "application/json"
-        error = response.json()["error"]
+                assert answer.headers[VERSION_HEADER] == versions[side], value
+    for value in REFUSED:
+        answer = raw_post(pinning, pin_line(value))
+        assert answer.status == 400, (value, answer.status, answer.body[:200])
+        assert answer.headers["content-type"] == "application/json"
+        error = json.loads(answer.body)["error"]
         assert error.startswith(f"{VARIANT_HEADER}: unknown value"), error
-        assert VERSION_HEADER not in response.headers  # refused at the proxy, no server saw it
-        assert "x-roost-route" not in response.headers
-        code, details, _ = pinning.grpc(((VARIANT_HEADER, value if isinstance(value, str)
-                                          else "bad"),))  # fmt: skip
-        assert code == "INVALID_ARGUMENT" and details.startswith(VARIANT_HEADER), (value, code)
+        assert VERSION_HEADER not in answer.headers  # refused at the proxy: no server saw it
+        assert "x-roost-route" not in answer.headers
+        if all(0x20 <= b < 0x7F for b in value):  # what gRPC metadata can carry
+            code, details, _ = pinning.grpc(((VARIANT_HEADER, value.decode()),))
+            assert code == "INVALID_ARGUMENT" and details.startswith(VARIANT_HEADER), value
     # Two headers: nginx 1.22 (Debian bookworm) reads the first, newer ones join them with
     # ", " (then: refused, like "champion,challenger" above). Never the second one alone.
-    both = pinning.rest([(VARIANT_HEADER, "champion"), (VARIANT_HEADER, "challenger")])
-    assert (both.status_code, both.headers.get(VERSION_HEADER)) in {
+    both = raw_post(pinning, pin_line(b"champion") + pin_line(b"challenger"))
+    assert (both.status, both.headers.get(VERSION_HEADER)) in {
         (200, pinning.champion), (400, None),
-    }, both.text  # fmt: skip
+    }, both  # fmt: skip
+    print(f"\ntwo x-roost-variant headers: HTTP {both.status}, "
+          f"answered by {both.headers.get(VERSION_HEADER)}")  # fmt: skip
 
 
 def test_without_a_challenger_a_challenger_pin_is_refused(pinning: Pinning) -> None:
@@ -222,3 +274,71 @@ def test_without_a_challenger_a_challenger_pin_is_refused(pinning: Pinning) -> N
         f"rest:{pinning.champion}": PER_SIDE + 3, f"grpc:{pinning.champion}": 3,
     }  # fmt: skip
     assert pinning.rest({VARIANT_HEADER: "nope"}).status_code == 400
+
+
+def test_pins_hold_while_the_controller_steps_a_real_rollout(
+    pinning: Pinning, settings: Settings, state_dir: Path, champion: Champion
+) -> None:
+    """`roost rollout start` (a real controller process, with its own generated traffic) steps
+    a new challenger through 10/25/50/100 % while pinned requests run beside it: at every
+    weight each pin is answered by its side, and none fails."""
+    source = load_source(pinning.settings, champion.model_uri, champion.outcome.run_id)
+    version = register_copy(pinning.settings, source)
+    current = registry.Registry(str(settings.tracking.uri), MODEL).require_alias("champion")
+    expected = {"champion": current, "challenger": version}
+    rollout = {"steps": [10, 25, 50, 100], "window_s": 3.0, "check_interval_s": 0.5,
+               "min_requests": 10, "max_failed_checks": 2, "poll_s": 0.25}  # fmt: skip
+    env = {
+        **os.environ,
+        "ROOST_STATE_DIR": str(state_dir),
+        "MLFLOW_TRACKING_URI": str(settings.tracking.uri),
+        "ROOST_REGISTRY__MODEL_NAME": MODEL,
+        **{f"ROOST_ROLLOUT__{k.upper()}": json.dumps(v) for k, v in rollout.items()},
+    }
+    argv = [sys.executable, "-m", "roost", "--log-format", "json", "rollout", "start", MODEL,
+            "--version", version, "--traffic-rps", "20", "--json", "--timeout", "240"]  # fmt: skip
+    answers: list[tuple[float, float, str, int, str | None]] = []
+    stop = threading.Event()
+
+    def pinned_traffic() -> None:
+        sides = ("champion", "challenger")
+        i = 0
+        while not stop.is_set():
+            side = sides[i % 2]
+            i += 1
+            sent = time.time()
+            try:
+                response = pinning.rest({VARIANT_HEADER: side})
+                status, served = response.status_code, response.headers.get(VERSION_HEADER)
+            except httpx.HTTPError:
+                status, served = 0, None
+            answers.append((sent, time.time(), side, status, served))
+            stop.wait(0.05)  # the pace of this client (about 15 requests/s), not a wait
+
+    worker = threading.Thread(target=pinned_traffic, daemon=True)
+    worker.start()
+    try:
+        result = subprocess.run(argv, env=env, capture_output=True, timeout=300, check=False)
+    finally:
+        stop.set()
+        worker.join(timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    document = json.loads(result.stdout)
+    assert document["phase"] == "promoted" and document["version"] == version
+    state = pinning.backend.load_state()
+    assert state is not None and state.version == version
+    applied = pinning.backend.applied(state.id)
+    assert [e["weight"] for e in applied] == rollout["steps"]
+    # The last window passed before the promotion rewrote the proxy: the end of the check.
+    passed = [e for e in state.history if e["event"] == "window" and e["weight"] == 100]
+    assert passed, state.history
+    bounds = [float(e["at"]) for e in applied] + [float(passed[-1]["at"])]
+    per_weight = {}
+    for entry, start, end in zip(applied, bounds, bounds[1:], strict=False):
+        inside = [a for a in answers if a[0] >= start and a[1] <= end]
+        for side in ("champion", "challenger"):
+            mine = [a for a in inside if a[2] == side]
+            assert mine, (entry["weight"], side, len(inside))
+            assert {(a[3], a[4]) for a in mine} == {(200, expected[side])}, (entry, side, mine)
+        per_weight[entry["weight"]] = len(inside)
+    print(f"\npinned requests answered by their side per weight: {json.dumps(per_weight)}")

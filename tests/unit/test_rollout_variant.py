@@ -67,8 +67,8 @@ def test_a_pinned_challenger_is_an_upstream_at_every_weight(tmp_path: Path, weig
     assert pin_map(text) == {
         "default": "bad",
         '""': '""',
-        "~*^champion$": "champion",
-        "~*^challenger$": "challenger",
+        r"~*^\s*champion\s*$": "champion",
+        r"~*^\s*challenger\s*$": "challenger",
     }
     # The pin decides first; the split only when there is none.
     assert (
@@ -88,7 +88,7 @@ def test_a_pinned_challenger_is_an_upstream_at_every_weight(tmp_path: Path, weig
 def test_without_a_challenger_a_challenger_pin_is_refused_not_rerouted(tmp_path: Path) -> None:
     text = render_config(tmp_path, topology(challenger=False), 0, None, run_as_root=False)
     assert "roost_challenger {" not in text and "upstream roost_challenger" not in text
-    assert pin_map(text)["~*^challenger$"] == "none"
+    assert pin_map(text)[r"~*^\s*challenger\s*$"] == "none"
     assert status_of(text)["variants"] == {"champion": "4", "challenger": None}
     body = refusal(text, "none")
     assert body.startswith("return 409 '") and body.endswith("';")

@@ -118,8 +118,9 @@ def _variant_maps(has_challenger: bool) -> list[str]:
         f"    map $http_{VARIANT_HEADER.replace('-', '_')} $roost_pin {{",
         "        default bad;",
         '        "" "";',
-        f"        ~*^{CHAMPION}$ champion;",
-        f"        ~*^{CHALLENGER}$ {challenger};",
+        # Any case; HTTP's optional whitespace (nginx trims spaces, not tabs) is allowed.
+        rf"        ~*^\s*{CHAMPION}\s*$ champion;",
+        rf"        ~*^\s*{CHALLENGER}\s*$ {challenger};",
         "    }",
         '    map $roost_pin $roost_route { "" $roost_side; champion roost_champion; '
         'challenger roost_challenger; default ""; }',
