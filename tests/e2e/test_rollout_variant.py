@@ -27,12 +27,13 @@ from typing import Any
 import httpx
 import pytest
 
-from roost import registry
+from roost import client, registry
 from roost.config import Settings
 from roost.rollout import engine
+from roost.rollout import variant as pin
 from roost.rollout.backends.local import LocalBackend
-from roost.rollout.backends.nginx import VARIANT_HEADER
 from roost.rollout.state import Plan, RolloutState
+from roost.rollout.variant import VARIANT_HEADER
 from tests.conftest import Champion, make_settings
 from tests.e2e.rollout_helpers import load_source, register_copy
 
@@ -146,6 +147,13 @@ def test_a_pinned_request_reaches_the_named_side_at_every_weight(pinning: Pinnin
             assert served == {f"rest:{version}": PER_SIDE + 3, f"grpc:{version}": 3}, (
                 weight, value, served,
             )  # fmt: skip
+        for value, version in (("champion", champion), ("challenger", challenger)):
+            for protocol in (client.Protocol.V2, client.Protocol.GRPC):  # roost's own client
+                result = client.predict(
+                    [TEXT], protocol, pinning.url, pinning.grpc_target, pinning.served,
+                    headers=pin.headers(value),
+                )  # fmt: skip
+                assert result.model_version == version, (weight, value, protocol)
         unpinned = Counter(
             pinning.rest().headers.get(VERSION_HEADER) for _ in range(PER_SIDE)
         )  # the weighted split still decides for everyone else
@@ -155,6 +163,13 @@ def test_a_pinned_request_reaches_the_named_side_at_every_weight(pinning: Pinnin
             assert unpinned == {challenger: PER_SIDE}
         seen[weight] = dict(unpinned)
     assert [e["weight"] for e in pinning.backend.applied(pinning.state.id)] == list(WEIGHTS[1:])
+    # The CLI: `roost predict --variant` at 100 %, where only a pin reaches the champion.
+    for value, version in (("champion", champion), ("challenger", challenger)):
+        argv = [sys.executable, "-m", "roost", "predict", TEXT, "--url", pinning.url,
+                "--model", pinning.served, "--variant", value, "--json"]  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert json.loads(done.stdout)["model_version"] == version, value
     print(f"\nunpinned answers per weight (champion v{champion}, challenger v{challenger}): "
           f"{json.dumps(seen)}")  # fmt: skip
 

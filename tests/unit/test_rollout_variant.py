@@ -11,20 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from roost.rollout.backends.kserve import (
-    KNATIVE_TAG_HEADER,
-    KNATIVE_TAGS,
-    TAG_ROUTING_ANNOTATION,
-    traffic_manifest,
-    variant_routes,
-)
+from roost.rollout.backends.kserve import TAG_ROUTING_ANNOTATION, traffic_manifest, variant_routes
 from roost.rollout.backends.nginx import (
-    VARIANT_HEADER,
     ServerRecord,
     Topology,
     render_config,
     variant_errors,
 )
+from roost.rollout.variant import KNATIVE_TAG_HEADER, KNATIVE_TAGS, VARIANT_HEADER, headers
 from tests.fixtures.k8s import tools
 
 pytestmark = pytest.mark.unit
@@ -192,6 +186,16 @@ def test_the_applied_inference_service_is_valid_for_the_crd(weight: int | None) 
 def test_knative_tags_map_roost_variants_to_kserve_tags() -> None:
     assert KNATIVE_TAGS == {"champion": "prev", "challenger": "latest"}
     assert KNATIVE_TAG_HEADER == "Knative-Serving-Tag"
+
+
+def test_a_client_pin_sends_both_backends_headers() -> None:
+    assert headers("challenger") == {
+        "x-roost-variant": "challenger", "Knative-Serving-Tag": "latest"
+    }  # fmt: skip
+    assert headers("champion") == {"x-roost-variant": "champion", "Knative-Serving-Tag": "prev"}
+    assert headers(None) == {}
+    with pytest.raises(ValueError, match="Challenger"):
+        headers("Challenger")  # the client sends only the canonical names
 
 
 def test_variant_routes_follow_the_tags_kserve_sets() -> None:

@@ -49,6 +49,7 @@ from roost.rollout.store import (
     check_revision,
     refuse_if_in_flight,
 )
+from roost.rollout.variant import KNATIVE_TAG_HEADER, KNATIVE_TAGS
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +60,6 @@ VERSION_ENV = k8s.VERSION_ENV
 PREDICTOR_CONTAINER = "kserve-container"
 CAS_RETRIES = 5
 TAG_ROUTING_ANNOTATION = "serving.kserve.io/enable-tag-routing"
-KNATIVE_TAG_HEADER = "Knative-Serving-Tag"
-# x-roost-variant -> the tag KServe gives that side's Knative traffic target.
-KNATIVE_TAGS = {"champion": "prev", "challenger": "latest"}
 
 StorageUri = Callable[[str], str]
 

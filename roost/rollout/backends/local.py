@@ -37,7 +37,6 @@ from roost.rollout.backends.nginx import (
     CHALLENGER,
     CHAMPION,
     STATUS_PATH,
-    VARIANT_HEADER,
     Proxy,
     ServerRecord,
     Topology,
@@ -46,6 +45,7 @@ from roost.rollout.backends.nginx import (
 )
 from roost.rollout.state import Command, RolloutState
 from roost.rollout.store import FileStore, atomic_write
+from roost.rollout.variant import VARIANT_HEADER
 from roost.serving import local
 
 log = logging.getLogger(__name__)

@@ -29,11 +29,11 @@ from typing import Any
 from roost import proc
 from roost.errors import MissingTool, RoostError
 from roost.rollout.store import atomic_write
+from roost.rollout.variant import VARIANT_HEADER, Variant
 
 NGINX_PACKAGE = "nginx-light"
 STATUS_PATH = "/__roost/proxy"
-CHAMPION, CHALLENGER = "champion", "challenger"
-VARIANT_HEADER = "x-roost-variant"
+CHAMPION, CHALLENGER = Variant.CHAMPION.value, Variant.CHALLENGER.value
 VARIANTS = (CHAMPION, CHALLENGER)
 # gRPC status codes (grpc/status.h) for the refusals on the gRPC port.
 GRPC_INVALID_ARGUMENT, GRPC_FAILED_PRECONDITION = 3, 9
