@@ -10,7 +10,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from roost.cli.app import app
 from roost.rollout.backends.kserve import TAG_ROUTING_ANNOTATION, traffic_manifest, variant_routes
 from roost.rollout.backends.nginx import (
     ServerRecord,
@@ -209,3 +211,9 @@ def test_variant_routes_follow_the_tags_kserve_sets() -> None:
     traffic = isvc["status"]["components"]["predictor"]["traffic"]
     traffic[:] = [dict(traffic[0], percent=100)]
     assert set(variant_routes(isvc)) == {"challenger"}
+
+
+def test_predict_refuses_an_unknown_variant_before_sending_anything() -> None:
+    result = CliRunner().invoke(app, ["predict", "hi", "--variant", "prev", "--url", "http://x"])
+    assert result.exit_code == 2
+    assert "--variant" in result.stderr and "champion" in result.stderr
