@@ -70,13 +70,13 @@ class Pinning:
     def served(self) -> str:
         return self.settings.serving.model_name
 
-    def rest(self, headers: Any = None, v1: bool = False) -> httpx.Response:
+    def rest(self, headers: Any = None, v1: bool = False, text: str = TEXT) -> httpx.Response:
         if v1:
-            path, body = f"/v1/models/{self.served}:predict", {"instances": [TEXT]}
+            path, body = f"/v1/models/{self.served}:predict", {"instances": [text]}
         else:
             path = f"/v2/models/{self.served}/infer"
             body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1],
-                                "data": [TEXT]}]}  # fmt: skip
+                                "data": [text]}]}  # fmt: skip
         return httpx.post(self.url + path, json=body, headers=headers, timeout=30)
 
     def grpc(self, metadata: tuple[tuple[str, str], ...]) -> tuple[str, str, str]:
@@ -301,8 +301,14 @@ def test_pins_hold_while_the_controller_steps_a_real_rollout(
     version = register_copy(pinning.settings, source)
     current = registry.Registry(str(settings.tracking.uri), MODEL).require_alias("champion")
     expected = {"champion": current, "challenger": version}
+    # Pinned requests count in each side's metrics like any other, and this client sends both
+    # sides the same share whatever the weight: with one repeated text it skewed the
+    # challenger's label mix enough to fail the JS check (a real effect, in docs/rollout.md).
+    # The client cycles the test texts instead; the JS bound is loosened as this test checks
+    # routing, not the analysis.
     rollout = {"steps": [10, 25, 50, 100], "window_s": 3.0, "check_interval_s": 0.5,
-               "min_requests": 10, "max_failed_checks": 2, "poll_s": 0.25}  # fmt: skip
+               "min_requests": 10, "max_failed_checks": 2, "poll_s": 0.25,
+               "max_js_divergence": 0.5}  # fmt: skip
     env = {
         **os.environ,
         "ROOST_STATE_DIR": str(state_dir),
@@ -323,7 +329,8 @@ def test_pins_hold_while_the_controller_steps_a_real_rollout(
             i += 1
             sent = time.time()
             try:
-                response = pinning.rest({VARIANT_HEADER: side})
+                text = source.texts[i % len(source.texts)]
+                response = pinning.rest({VARIANT_HEADER: side}, text=text)
                 status, served = response.status_code, response.headers.get(VERSION_HEADER)
             except httpx.HTTPError:
                 status, served = 0, None
