@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -67,14 +67,22 @@ def predict(
     grpc_target: str = "127.0.0.1:8081",
     model: str = "sentiment",
     timeout: float = 30.0,
+    headers: Mapping[str, str] | None = None,
 ) -> PredictResult:
+    """``headers``: extra request headers (gRPC: metadata), e.g. a rollout side's pin
+    (:func:`roost.rollout.variant.headers`)."""
     if protocol is Protocol.GRPC:
-        return _predict_grpc(texts, grpc_target, model, timeout)
-    return _predict_rest(texts, protocol, url.rstrip("/"), model, timeout)
+        return _predict_grpc(texts, grpc_target, model, timeout, headers or {})
+    return _predict_rest(texts, protocol, url.rstrip("/"), model, timeout, headers or {})
 
 
 def _predict_rest(
-    texts: Sequence[str], protocol: Protocol, url: str, model: str, timeout: float
+    texts: Sequence[str],
+    protocol: Protocol,
+    url: str,
+    model: str,
+    timeout: float,
+    headers: Mapping[str, str],
 ) -> PredictResult:
     import httpx
 
@@ -89,7 +97,7 @@ def _predict_rest(
             ]
         }
     try:
-        response = httpx.post(endpoint, json=body, timeout=timeout)
+        response = httpx.post(endpoint, json=body, timeout=timeout, headers=dict(headers))
     except httpx.HTTPError as exc:
         raise Unavailable(f"model server at {url} is unreachable ({exc})") from None
     if response.status_code != 200:
@@ -131,7 +139,9 @@ def _error_message(response: httpx.Response) -> str:
         return response.text[:200]
 
 
-def _predict_grpc(texts: Sequence[str], target: str, model: str, timeout: float) -> PredictResult:
+def _predict_grpc(
+    texts: Sequence[str], target: str, model: str, timeout: float, headers: Mapping[str, str]
+) -> PredictResult:
     import grpc
     import numpy as np
     from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
@@ -151,8 +161,9 @@ def _predict_grpc(texts: Sequence[str], target: str, model: str, timeout: float)
     )
     with grpc.insecure_channel(target) as channel:
         try:
+            metadata = tuple((k.lower(), v) for k, v in headers.items())  # gRPC: lower case
             response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
-                request, timeout=timeout
+                request, timeout=timeout, metadata=metadata
             )
         except grpc.RpcError as exc:
             code = exc.code()

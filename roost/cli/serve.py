@@ -14,6 +14,7 @@ from roost import client
 from roost.cli.context import state
 from roost.cli.output import JsonFlag, console, emit_json
 from roost.errors import ConfigError
+from roost.rollout import variant as pin
 
 
 def serve(
@@ -123,6 +124,14 @@ def predict(
     grpc_target: Annotated[str, typer.Option(help="gRPC host:port.")] = "127.0.0.1:8081",
     model: Annotated[str, typer.Option(help="Model name on the server.")] = "sentiment",
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 30.0,
+    variant: Annotated[
+        pin.Variant | None,
+        typer.Option(
+            help="During a rollout: pin the request to the champion or the challenger "
+            "(sends x-roost-variant for the local proxy and Knative-Serving-Tag for KServe).",
+            show_default=False,
+        ),
+    ] = None,
     json_output: JsonFlag = False,
 ) -> None:
     """Classify texts with a running model server; prints label and confidence."""
@@ -136,7 +145,9 @@ def predict(
         items += [line for line in lines if line.strip()]
     if not items:
         raise typer.BadParameter("give texts as arguments or --file", param_hint="TEXTS")
-    result = client.predict(items, protocol, url, grpc_target, model, timeout)
+    result = client.predict(
+        items, protocol, url, grpc_target, model, timeout, headers=pin.headers(variant)
+    )
     if json_output:
         emit_json(
             {

@@ -148,6 +148,8 @@ def test_kserve_rollout_promotes_with_ssa_patches_and_annotation_state(cluster: 
     assert model["resources"]["requests"]["cpu"] == "500m"  # the deployer's fields survive
     stored = json.loads(cluster.kube.annotations()[STATE_ANNOTATION])
     assert stored["phase"] == "promoted" and stored["id"] == state.id
+    # Tag routing (prev/latest, for Knative-Serving-Tag pins) rides along with every weight.
+    assert cluster.kube.annotations()["serving.kserve.io/enable-tag-routing"] == "true"
     assert any(p.status == 409 for p in cluster.kube.patches)
     assert "hold" in events
     hold = next(e for e in final.history if e["event"] == "hold")

@@ -478,6 +478,8 @@ def test_serving_runtime_and_inference_service(docs) -> None:
         isvcs["sentiment"]["metadata"]["annotations"]["serving.kserve.io/deploymentMode"]
         == "Knative"
     )
+    for isvc in isvcs.values():  # prev/latest tags, so Knative-Serving-Tag pins a side
+        assert isvc["metadata"]["annotations"]["serving.kserve.io/enable-tag-routing"] == "true"
     assert predictor["canaryTrafficPercent"] == 25
     assert (predictor["minReplicas"], predictor["maxReplicas"]) == (1, 3)
     assert predictor["serviceAccountName"] == "roost-serving"

@@ -61,6 +61,7 @@ def test_overlays_build_what_the_chart_does_not_own(overlays) -> None:
         for feature in (
             "kubernetes.podspec-securitycontext",
             "kubernetes.podspec-volumes-emptydir",
+            "tag-header-based-routing",  # Knative-Serving-Tag pins a canary's side
         ):
             assert config["features"][feature] == "enabled"
         for doc in docs:

@@ -104,8 +104,9 @@ def test_nginx_config_splits_rest_and_grpc_by_weight(
     )
     assert f"$roost_grpc_side {grpc_rule}" in text
     status = json.loads(text.split("return 200 '", 1)[1].split("';", 1)[0])
+    variants = {"champion": "1", "challenger": "2"}
     assert status == {"weight": weight, "challenger": "2" if weight else None, "champion": "1",
-                      "generation": 3}  # fmt: skip
+                      "generation": 3, "variants": variants}  # fmt: skip
     assert "listen 127.0.0.1:18080;" in text and "listen 127.0.0.1:18081 http2;" in text
     assert "user root" not in text
     assert str(tmp_path / "access.log") in text and str(tmp_path / "tmp" / "body") in text
@@ -113,7 +114,8 @@ def test_nginx_config_splits_rest_and_grpc_by_weight(
 
 def test_nginx_config_without_a_challenger_routes_to_the_champion(tmp_path: Path) -> None:
     text = render_config(tmp_path, topology(challenger=False), 50, "2", run_as_root=True)
-    assert "roost_challenger" not in text and "user root root;" in text
+    assert "upstream roost_challenger" not in text and "user root root;" in text
+    assert "roost_challenger;" not in text.split("map $http_x_roost_variant")[0]  # no split
     assert '"weight": 0' in text
 
 
@@ -141,7 +143,10 @@ def test_missing_nginx_names_the_package(tmp_path: Path) -> None:
 def test_traffic_manifest_for_a_model_format_predictor() -> None:
     isvc = fixture("isvc-sentiment.json")
     manifest = traffic_manifest(isvc, "2", "s3://b/sentiment/2", 25)
-    assert manifest["metadata"] == {"name": "sentiment", "namespace": "roost"}
+    assert manifest["metadata"] == {
+        "name": "sentiment", "namespace": "roost",
+        "annotations": {"serving.kserve.io/enable-tag-routing": "true"},
+    }  # fmt: skip
     predictor = manifest["spec"]["predictor"]
     assert predictor["canaryTrafficPercent"] == 25
     assert predictor["model"]["storageUri"] == "s3://b/sentiment/2"

@@ -344,6 +344,9 @@ metadata:
     {{- include "roost.componentLabels" (list $ctx "serving") | nindent 4 }}
   annotations:
     serving.kserve.io/deploymentMode: Knative
+    # Tags the traffic targets prev (champion) / latest (challenger): with Knative's
+    # tag-header-based-routing, `Knative-Serving-Tag: prev|latest` pins a side (docs/rollout.md).
+    serving.kserve.io/enable-tag-routing: "true"
     roost.io/runtime: {{ $v.runtime }}
     roost.io/protocol: {{ ternary "grpc" "rest" .grpc }}
 spec:

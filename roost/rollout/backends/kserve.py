@@ -13,6 +13,16 @@ server-side apply with a ``resourceVersion`` precondition (compare-and-swap; a 4
 and retried while the stored revision is still ours). Manual overrides go to
 ``rollout.roost.io/command``. Each kind of write has its own field manager, because an apply
 removes the fields its manager applied before and left out this time.
+
+Pinning a side (A/B by header): every traffic apply also carries the annotation
+``serving.kserve.io/enable-tag-routing: "true"``. With it KServe tags the predictor's Knative
+traffic targets: ``latest`` (the challenger's revision, at every ``canaryTrafficPercent``, 0
+included) and ``prev`` (the last rolled-out revision, the champion; KServe sets that target
+only while the canary has less than 100 %). With Knative's ``tag-header-based-routing``
+feature on (``manifests/base/knative-serving.yaml``), a request with the header
+``Knative-Serving-Tag: latest|prev`` goes to that revision; :data:`KNATIVE_TAGS` maps roost's
+``x-roost-variant`` values onto those tags. Knative routes a tag it does not know to the
+weighted split, so in the cluster an unknown value is ignored, not refused.
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ import httpx
 
 from roost import k8s
 from roost.config import Settings
-from roost.errors import Conflict
+from roost.errors import Conflict, RoostError
 from roost.rollout.analysis import SERIES, Snapshot, parse_exposition, parse_query_result
 from roost.rollout.backends.base import Backend, MetricsUnavailable, Readiness
 from roost.rollout.state import Command, RolloutState
@@ -39,6 +49,7 @@ from roost.rollout.store import (
     check_revision,
     refuse_if_in_flight,
 )
+from roost.rollout.variant import KNATIVE_TAG_HEADER, KNATIVE_TAGS
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +59,7 @@ COMMAND_MANAGER = "roost-rollout-command"
 VERSION_ENV = k8s.VERSION_ENV
 PREDICTOR_CONTAINER = "kserve-container"
 CAS_RETRIES = 5
+TAG_ROUTING_ANNOTATION = "serving.kserve.io/enable-tag-routing"
 
 StorageUri = Callable[[str], str]
 
@@ -85,9 +97,34 @@ def traffic_manifest(
     return {
         "apiVersion": f"{k8s.KSERVE_GROUP}/{k8s.KSERVE_VERSION}",
         "kind": "InferenceService",
-        "metadata": {"name": obj["metadata"]["name"], "namespace": obj["metadata"]["namespace"]},
+        "metadata": {
+            "name": obj["metadata"]["name"],
+            "namespace": obj["metadata"]["namespace"],
+            # Tags prev/latest on the traffic targets, so a request can pin a side.
+            "annotations": {TAG_ROUTING_ANNOTATION: "true"},
+        },
         "spec": {"predictor": predictor},
     }
+
+
+def tag_targets(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The tagged traffic targets in the status: ``{"latest": {...}, "prev": {...}}``."""
+    return {str(t["tag"]): t for t in k8s.isvc_traffic(obj) if t.get("tag")}
+
+
+def variant_routes(obj: dict[str, Any]) -> dict[str, str]:
+    """How a client pins each side now: ``{"champion": "<tag> <revision> <url>", ...}``.
+
+    Only the sides KServe has tagged (no ``prev`` at 100 % or without a canary).
+    """
+    tags = tag_targets(obj)
+    out = {}
+    for variant, tag in KNATIVE_TAGS.items():
+        target = tags.get(tag)
+        if target is not None:
+            revision = target.get("revisionName") or "?"
+            out[variant] = f"{KNATIVE_TAG_HEADER}: {tag} ({revision} {target.get('url', '')})"
+    return out
 
 
 def storage_uri_of(obj: dict[str, Any]) -> str | None:
@@ -321,6 +358,11 @@ class KServeBackend(Backend):
         out["metrics"] = (
             self.cfg.prometheus_url or f"predictor pods :{self.cfg.metrics_port}/metrics"
         )
+        try:
+            routes = variant_routes(self.get())
+        except RoostError:  # status output must not fail on an unreachable API server
+            routes = {}
+        out.update({f"pin_{variant}": how for variant, how in routes.items()})
         return out
 
 

@@ -45,6 +45,7 @@ from roost.rollout.backends.nginx import (
 )
 from roost.rollout.state import Command, RolloutState
 from roost.rollout.store import FileStore, atomic_write
+from roost.rollout.variant import VARIANT_HEADER
 from roost.serving import local
 
 log = logging.getLogger(__name__)
@@ -305,6 +306,7 @@ class LocalBackend(Backend):
             record: ServerRecord | None = getattr(topology, role)
             if record is not None:
                 out[role] = f"v{record.version} {record.http_url} (pid {record.pid})"
+                out[f"pin_{role}"] = f"{VARIANT_HEADER}: {role} (v{record.version})"
         return out
 
     def shutdown(self) -> None:

@@ -3,6 +3,16 @@
 The config splits requests per request with ``split_clients`` on ``$request_id``: REST (any
 path) on one port, gRPC (HTTP/2, ``grpc_pass``) on another, and answers ``GET /__roost/proxy``
 with the weight and generation it was written for, so the backend can tell what nginx serves.
+
+A request can pin its side: the header ``x-roost-variant: champion|challenger`` (any case)
+routes it there whatever the weight (0 and 100 included) while a challenger server runs,
+for REST and gRPC alike. An empty or absent header leaves the request to the weighted split.
+Any other value is refused by the proxy itself (HTTP 400, gRPC INVALID_ARGUMENT) rather than
+ignored: a misspelt pin that silently fell through to the split would corrupt an A/B test
+without anyone noticing. ``challenger`` with no challenger server (no rollout in flight) is
+refused the same way (HTTP 409, gRPC FAILED_PRECONDITION): answering from the champion would
+be a lie about which model answered. The value is never echoed back (nginx cannot
+JSON-escape it).
 """
 
 from __future__ import annotations
@@ -19,10 +29,14 @@ from typing import Any
 from roost import proc
 from roost.errors import MissingTool, RoostError
 from roost.rollout.store import atomic_write
+from roost.rollout.variant import VARIANT_HEADER, Variant
 
 NGINX_PACKAGE = "nginx-light"
 STATUS_PATH = "/__roost/proxy"
-CHAMPION, CHALLENGER = "champion", "challenger"
+CHAMPION, CHALLENGER = Variant.CHAMPION.value, Variant.CHALLENGER.value
+VARIANTS = (CHAMPION, CHALLENGER)
+# gRPC status codes (grpc/status.h) for the refusals on the gRPC port.
+GRPC_INVALID_ARGUMENT, GRPC_FAILED_PRECONDITION = 3, 9
 
 
 class ProxyError(RoostError):
@@ -74,14 +88,79 @@ class Topology:
         )
 
 
+def variant_errors(topology: Topology) -> dict[str, tuple[int, int, str]]:
+    """Why a pin is refused: ``{pin: (HTTP status, gRPC status, message)}`` (pure).
+
+    ``bad``: a value that is neither side; ``none``: ``challenger`` with no challenger server.
+    """
+    champion = topology.champion.version if topology.champion else "?"
+    expected = " or ".join(VARIANTS)
+    return {
+        "bad": (
+            400,
+            GRPC_INVALID_ARGUMENT,
+            f"{VARIANT_HEADER}: unknown value, expected {expected} (any case) "
+            "or no header for the weighted split",
+        ),
+        "none": (
+            409,
+            GRPC_FAILED_PRECONDITION,
+            f"{VARIANT_HEADER}: challenger: no challenger is being rolled out "
+            f"(champion v{champion} serves alone)",
+        ),
+    }
+
+
+def _variant_maps(has_challenger: bool) -> list[str]:
+    """``$roost_pin`` from the header, then the upstream each port routes to."""
+    challenger = "challenger" if has_challenger else "none"
+    return [
+        f"    map $http_{VARIANT_HEADER.replace('-', '_')} $roost_pin {{",
+        "        default bad;",
+        '        "" "";',
+        # Any case; HTTP's optional whitespace (nginx trims spaces, not tabs) is allowed.
+        rf"        ~*^\s*{CHAMPION}\s*$ champion;",
+        rf"        ~*^\s*{CHALLENGER}\s*$ {challenger};",
+        "    }",
+        '    map $roost_pin $roost_route { "" $roost_side; champion roost_champion; '
+        'challenger roost_challenger; default ""; }',
+        '    map $roost_pin $roost_grpc_route { "" $roost_grpc_side; '
+        'champion roost_champion_grpc; challenger roost_challenger_grpc; default ""; }',
+    ]
+
+
+def _refusals(topology: Topology, grpc: bool) -> list[str]:
+    """``if`` blocks that answer a refused pin before anything is proxied."""
+    lines = []
+    for pin, (http_status, grpc_status, message) in variant_errors(topology).items():
+        lines.append(f"            if ($roost_pin = {pin}) {{")
+        if grpc:
+            # A trailers-only gRPC answer: HTTP 200 carrying grpc-status/grpc-message.
+            lines += [
+                f"                add_header grpc-status {grpc_status} always;",
+                f'                add_header grpc-message "{message}" always;',
+                "                return 204;",
+            ]
+        else:
+            body = json.dumps({"error": message})
+            lines.append(f"                return {http_status} '{body}';")
+        lines.append("            }")
+    return lines
+
+
 def render_config(
     prefix: Path, topology: Topology, weight: int, challenger: str | None, run_as_root: bool
 ) -> str:
-    """nginx.conf for one weight (pure; unit-tested). 0 or no challenger: champion only."""
+    """nginx.conf for one weight (pure; unit-tested). 0 or no challenger: champion only.
+
+    Whatever the weight, a recorded challenger server stays an upstream, so a request
+    pinned with ``x-roost-variant: challenger`` reaches it (at weight 0 too).
+    """
     champ = topology.champion
     if champ is None:
         raise ProxyError("no champion server to route to")
-    chall = topology.challenger if weight > 0 else None
+    pinned = topology.challenger
+    chall = pinned if weight > 0 else None
     weight = weight if chall is not None else 0
     status = json.dumps(
         {
@@ -89,13 +168,14 @@ def render_config(
             "challenger": chall.version if chall else None,
             "champion": champ.version,
             "generation": topology.generation,
+            "variants": {CHAMPION: champ.version, CHALLENGER: pinned.version if pinned else None},
         }
     )
     upstreams = [("roost_champion", champ.http_port), ("roost_champion_grpc", champ.grpc_port)]
-    if chall is not None:
+    if pinned is not None:
         upstreams += [
-            ("roost_challenger", chall.http_port),
-            ("roost_challenger_grpc", chall.grpc_port),
+            ("roost_challenger", pinned.http_port),
+            ("roost_challenger_grpc", pinned.grpc_port),
         ]
 
     def split(variable: str, suffix: str) -> str:
@@ -116,7 +196,7 @@ def render_config(
         f"error_log {prefix / 'error.log'} warn;",
         "events { worker_connections 1024; }",
         "http {",
-        "    log_format roost '$msec $status $request_time $roost_side "
+        "    log_format roost '$msec $status $request_time $roost_route $roost_pin "
         '$upstream_addr "$request"\';',
         f"    access_log {prefix / 'access.log'} roost;",
         f"    client_body_temp_path {tmp / 'body'};",
@@ -131,6 +211,7 @@ def render_config(
         ),
         split("roost_side", ""),
         split("roost_grpc_side", "_grpc"),
+        *_variant_maps(pinned is not None),
         "    server {",
         f"        listen 127.0.0.1:{topology.proxy_port};",
         # No idle client keep-alive: a reload then never closes a connection a client is
@@ -141,18 +222,24 @@ def render_config(
         f"            return 200 '{status}';",
         "        }",
         "        location / {",
-        "            proxy_pass http://$roost_side;",
+        "            default_type application/json;",
+        *_refusals(topology, grpc=False),
+        "            proxy_pass http://$roost_route;",
         "            proxy_http_version 1.1;",
         '            proxy_set_header Connection "";',
         "            proxy_set_header Host $host;",
         "            proxy_next_upstream off;",
         "            proxy_read_timeout 60s;",
-        "            add_header x-roost-route $roost_side always;",
+        "            add_header x-roost-route $roost_route always;",
         "        }",
         "    }",
         "    server {",
         f"        listen 127.0.0.1:{topology.proxy_grpc_port} http2;",
-        "        location / { grpc_pass grpc://$roost_grpc_side; }",
+        "        location / {",
+        "            default_type application/grpc;",
+        *_refusals(topology, grpc=True),
+        "            grpc_pass grpc://$roost_grpc_route;",
+        "        }",
         "    }",
         "}",
         "",
