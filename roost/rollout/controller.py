@@ -242,7 +242,7 @@ class Controller:
         """One pass of the shadow phase: replay what the champion logged since the last check
         to the challenger, add the pairs to the tally, judge it."""
         from roost.rollout import shadow as judge
-        from roost.rollout.replay import Cursor, Feed, replay
+        from roost.rollout.replay import Batch, Cursor, Feed, replay
 
         try:
             readiness = self.backend.ready(state)
@@ -268,19 +268,21 @@ class Controller:
         cursor = Cursor.from_dict(state.shadow.get("cursor"))
         tally = judge.Tally.from_dict(state.shadow.get("tally"))
         feed = Feed(str(state.shadow["receiver"]), str(state.shadow["model"]))
+        batch: Batch | None = None
+        inferences: list[judge.Logged] = []
+        answers: list[judge.Answer] = []
         try:
             batch = feed.read(cursor, plan.batch, plan.settle_s, now)
             inferences = judge.champion_inferences(batch.events, state.champion, plan.sample_rate)
-            endpoint = self.backend.shadow_endpoint(state) if inferences else ""
+            if inferences:
+                endpoint = self.backend.shadow_endpoint(state)
+                name = self.settings.serving.model_name
+                answers = replay(inferences, endpoint, name, plan.timeout_s, plan.concurrency)
         except Unavailable as exc:  # judged on what it has: max_duration_s still ends it
             state = engine.hold(state, f"shadow waits: {exc}", now, key="shadow")
-            inferences, batch = [], None
+            batch, inferences, answers = None, [], []
         if batch is not None and batch.restarted:
             self.notify(f"rollout {state.id}: the payload receiver restarted; following it anew")
-        answers = replay(
-            inferences, endpoint if inferences else "", self.settings.serving.model_name,
-            plan.timeout_s, plan.concurrency,
-        )  # fmt: skip
         for logged, answer in zip(inferences, answers, strict=True):
             tally.add(logged, answer, plan.sample_ids)
         champion = state.window.get("champion") or Counts()

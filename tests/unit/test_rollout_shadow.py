@@ -87,7 +87,8 @@ def test_flipped_fraction_is_the_disagreement_and_fails() -> None:
     )
     js = result.metric("js_distance")
     assert js is not None and js.value == pytest.approx(math.sqrt(divergence))
-    assert js.value == pytest.approx(0.14458, abs=1e-4)  # > 0.1: fails too
+    # = 0.5 * 0.029447 + 0.5 * 0.031164 = 0.030306 bits; distance sqrt = 0.17408 > 0.1: fails
+    assert js.value == pytest.approx(0.17408, abs=1e-4)
     assert js.passed is False
     assert tally.confusion["positive"] == {"negative": 20, "positive": 30}
     assert tally.disagreeing == [f"e{i}" for i in range(20)]
