@@ -83,12 +83,11 @@ class ShadowPlan:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ShadowPlan:
-        kinds = {"min_pairs": int, "concurrency": int, "batch": int, "sample_ids": int}
-        values = {
-            k: kinds.get(k, float)(v)
-            for k, v in data.items()
-            if k in cls.__dataclass_fields__ and k != "thresholds"
-        }
+        defaults = cls()
+        values: dict[str, Any] = {}
+        for name in cls.__dataclass_fields__:
+            if name != "thresholds" and name in data:
+                values[name] = type(getattr(defaults, name))(data[name])
         return cls(**values, thresholds=ShadowThresholds.from_dict(data.get("thresholds") or {}))
 
 
