@@ -32,6 +32,7 @@ from mlflow import MlflowClient
 from roost import proc, registry
 from roost.config import Settings
 from roost.monitor.local import serve_argv
+from roost.rollout import engine
 from roost.rollout.backends.local import LocalBackend
 from roost.rollout.controller import Controller
 from roost.rollout.state import Phase, RolloutState
@@ -137,6 +138,41 @@ def shadow(state_dir: Path, settings: Settings, champion: Champion) -> Iterator[
         receiver.stop()
 
 
+def driver(shadow: Shadow, version: str, name: str, **env: str) -> subprocess.Popen[bytes]:
+    """`roost rollout start --mode shadow` as its own process (SIGKILL-able; and the client
+    traffic measured here shares no interpreter with the controller's replays)."""
+    log = shadow.logs / f"shadow-{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "roost", "--log-format", "json", "rollout", "start", MODEL,
+            "--version", version, "--mode", "shadow", "--timeout", "200"]  # fmt: skip
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            argv, env={**os.environ, **shadow.env, **env}, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+
+
+def client_traffic(shadow: Shadow, version: str) -> Traffic:
+    """Client traffic through the proxy once the rollout of ``version`` has brought it up."""
+
+    def up() -> str | None:
+        state = shadow.state()
+        if state is None or state.version != version or not engine.shadowing(state):
+            return None
+        return shadow.backend.endpoint() if shadow.backend.live() else None
+
+    endpoint = proc.wait_until(up, 300, 0.1, what="the shadow phase and its proxy")
+    model = shadow.settings.serving.model_name
+    return Traffic(endpoint, model, shadow.source.texts, rps=RPS).start()
+
+
+def finished(shadow: Shadow, process: subprocess.Popen[bytes]) -> RolloutState:
+    process.wait(timeout=300)
+    state = shadow.state()
+    assert state is not None and state.terminal, state
+    return state
+
+
 def p99_ms(answers: Sequence[Answer]) -> float:
     """Nearest-rank p99 of the client-seen latencies."""
     ordered = sorted(a.seconds for a in answers)
@@ -170,18 +206,20 @@ def test_a_label_flipping_challenger_fails_the_shadow_and_no_client_notices(
     )
     assert 0.1 < expected < 0.5  # the variant really flips a fraction (not none, not all)
 
-    controller = shadow.controller()
-    started = controller.start(version, mode="shadow")
-    traffic = shadow.traffic(controller)
+    process = driver(shadow, version, "flipping")
+    traffic: Traffic | None = None
     try:
-        final = controller.run(timeout=240)
+        traffic = client_traffic(shadow, version)
+        final = finished(shadow, process)
         begun, decided = shadow_window(final)
         during = [a for a in traffic.answers() if begun <= a.sent_at < decided]
         after = champion_only(traffic, time.time(), max(len(during), 200))
     finally:
-        answers = traffic.stop()
+        if process.poll() is None:
+            process.kill()
+        answers = traffic.stop() if traffic is not None else []
 
-    assert final.phase is Phase.ROLLED_BACK and final.id == started.id
+    assert final.phase is Phase.ROLLED_BACK and final.version == version
     assert final.failure is not None and final.failure["stage"] == "shadow"
     assert "agreement" in final.failure["metric"]
     reported = 1.0 - float(final.failure["agreement"])
@@ -252,16 +290,8 @@ def test_a_controller_killed_during_the_shadow_is_resumed_without_a_second_phase
     shadow: Shadow,
 ) -> None:
     version = register_copy(shadow.settings, shadow.source)
-    log = shadow.logs / "shadow-start.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **shadow.env, "ROOST_ROLLOUT__SHADOW__DURATION_S": "6"}
-    argv = [sys.executable, "-m", "roost", "--log-format", "json", "rollout", "start", MODEL,
-            "--version", version, "--mode", "shadow", "--timeout", "200"]  # fmt: skip
+    process = driver(shadow, version, "sigkill", ROOST_ROLLOUT__SHADOW__DURATION_S="6")
     traffic: Traffic | None = None
-    with open(log, "wb") as out:
-        driver = subprocess.Popen(
-            argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
     try:
 
         def judging() -> RolloutState | None:
@@ -270,26 +300,18 @@ def test_a_controller_killed_during_the_shadow_is_resumed_without_a_second_phase
                 return None
             return state if (state.shadow.get("tally") or {}).get("pairs", 0) > 0 else None
 
-        proc.wait_until(
-            lambda: shadow.backend.endpoint() if shadow.backend.live() else None, 300, 0.1,
-            what="the proxy",
-        )  # fmt: skip
-        traffic = Traffic(
-            str(shadow.backend.endpoint()), shadow.settings.serving.model_name,
-            shadow.source.texts, rps=RPS,
-        ).start()  # fmt: skip
+        traffic = client_traffic(shadow, version)
         before = proc.wait_until(
             judging, 120, 0.1, what="pairs judged in the shadow",
-            describe=lambda: log.read_text()[-2000:],
         )  # fmt: skip
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=10)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
         killed_at = time.time()
 
         final = Controller(shadow.settings, shadow.backend).run(timeout=200)
     finally:
-        if driver.poll() is None:
-            driver.kill()
+        if process.poll() is None:
+            process.kill()
         answers = traffic.stop() if traffic is not None else []
     assert final.id == before.id and final.phase is Phase.SHADOW_PASSED
     assert [e["event"] for e in final.history].count("shadow") == 1
