@@ -11,7 +11,7 @@ Routes:
   for logged events (the id is the ``x-roost-event-id`` / v2 response ``id``).
 - ``POST /v1/flush``: close the journal segment and compact it now (tests, reports).
 - ``PUT /v1/drift``: a report's statistics, published as the ``roost_drift_*`` gauges.
-- ``GET /v1/tail?after=SEQ&limit=N&model=M``: the latest events, numbered (``tail.py``);
+- ``GET /v1/tail?after=SEQ&limit=N&model=M&since=T``: the latest events, numbered (``tail.py``);
   a rollout's shadow phase follows the champion's traffic with it.
 - ``GET /healthz``, ``GET /metrics`` (Prometheus).
 """
@@ -176,9 +176,10 @@ def create_app(root: Path, max_body_bytes: int, segment_s: float, segment_bytes:
         query = request.query_params
         try:
             after, limit = int(query.get("after", "0")), int(query.get("limit", "1000"))
+            since = float(query.get("since", "0"))
         except ValueError:
-            return _error("after, limit: integers expected", 400, metrics)
-        doc = tail.read(after, limit, query.get("model"))
+            return _error("after, limit: integers expected; since: a number", 400, metrics)
+        doc = tail.read(after, limit, query.get("model"), since)
         return Response(orjson.dumps(doc), media_type="application/json")
 
     async def health(_: Request) -> Response:

@@ -1,7 +1,8 @@
 """The receiver's recent events in memory, numbered, for readers that follow the traffic.
 
-``GET /v1/tail?after=SEQ&limit=N&model=M`` answers the events stored after sequence number
-``SEQ`` (oldest first, at most ``N``) of one model. The shadow phase of a rollout
+``GET /v1/tail?after=SEQ&limit=N&model=M&since=T`` answers the events stored after sequence
+number ``SEQ`` (oldest first, at most ``N``) of one model, received at epoch second ``T`` or
+later. The shadow phase of a rollout
 (``roost.rollout.shadow``) reads the champion's requests and responses from here and
 replays them to the challenger: the same code path whether the events came from KServe's
 logger agent in a cluster or from roost's own predictor logger locally.
@@ -54,8 +55,11 @@ class Tail:
                     _, old = self._items.popleft()
                     self._keys.discard(old.key)
 
-    def read(self, after: int, limit: int, model: str | None = None) -> dict[str, Any]:
-        """Events with a sequence number above ``after`` (of ``model`` if given), oldest first."""
+    def read(
+        self, after: int, limit: int, model: str | None = None, since: float = 0.0
+    ) -> dict[str, Any]:
+        """Events with a sequence number above ``after`` (of ``model`` if given, received at
+        ``since`` or later), oldest first; ``next`` is the last sequence number looked at."""
         limit = max(1, min(limit, MAX_LIMIT))
         with self._lock:
             first = self._items[0][0] if self._items else self._next
@@ -69,6 +73,8 @@ class Tail:
                 last = seq
                 attrs = record.attributes or {}
                 if model is not None and attrs.get("inferenceservicename") != model:
+                    continue
+                if record.received < since:
                     continue
                 out.append(
                     {

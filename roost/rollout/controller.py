@@ -272,7 +272,8 @@ class Controller:
         inferences: list[judge.Logged] = []
         answers: list[judge.Answer] = []
         try:
-            batch = feed.read(cursor, plan.batch, plan.settle_s, now)
+            since = float(state.shadow["started_at"])  # the champion's traffic from now on
+            batch = feed.read(cursor, plan.batch, plan.settle_s, now, since)
             inferences = judge.champion_inferences(batch.events, state.champion, plan.sample_rate)
             if inferences:
                 endpoint = self.backend.shadow_endpoint(state)

@@ -59,10 +59,15 @@ class Feed:
         self.model = model
         self.timeout = timeout
 
-    def read(self, cursor: Cursor, limit: int, settle_s: float, now: float) -> Batch:
-        """Events after ``cursor`` received before ``now - settle_s`` (a request's response
-        may still be on its way for younger ones), and the cursor after them."""
-        params: dict[str, str | int] = {"after": cursor.seq, "limit": limit, "model": self.model}
+    def read(
+        self, cursor: Cursor, limit: int, settle_s: float, now: float, since: float = 0.0
+    ) -> Batch:
+        """Events after ``cursor`` received in ``[since, now - settle_s)`` (a request's response
+        may still be on its way for younger ones; older ones predate the shadow phase: they
+        are skipped), and the cursor after them."""
+        params: dict[str, str | int | float] = {
+            "after": cursor.seq, "limit": limit, "model": self.model, "since": since,
+        }  # fmt: skip
         try:
             response = httpx.get(f"{self.url}/v1/tail", params=params, timeout=self.timeout)
             response.raise_for_status()
@@ -78,9 +83,11 @@ class Feed:
         taken: list[dict[str, Any]] = []
         seq = cursor.seq
         for event in doc["events"]:
-            if float(event["received"]) > now - settle_s:
+            received = float(event["received"])
+            if received > now - settle_s:
                 return Batch(taken, Cursor(epoch, seq))
-            taken.append(event)
+            if received >= since:
+                taken.append(event)
             seq = int(event["seq"])
         # All taken: move past the other models' events the receiver skipped over, too.
         return Batch(taken, Cursor(epoch, max(seq, int(doc["next"]))))

@@ -26,15 +26,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from mlflow import MlflowClient
 
 from roost import proc, registry
 from roost.config import Settings
 from roost.monitor.local import serve_argv
+from roost.monitor.payloads import request_texts
 from roost.rollout import engine
 from roost.rollout.backends.local import LocalBackend
 from roost.rollout.controller import Controller
+from roost.rollout.shadow import champion_inferences
 from roost.rollout.state import Phase, RolloutState
 from roost.rollout.traffic import Answer, Traffic, start_canary_traffic, summary
 from tests.conftest import Champion, make_settings
@@ -173,6 +176,19 @@ def finished(shadow: Shadow, process: subprocess.Popen[bytes]) -> RolloutState:
     return state
 
 
+def judged_texts(shadow: Shadow, state: RolloutState, pairs: int) -> list[str]:
+    """The first ``pairs`` texts the champion answered in the shadow, from the receiver."""
+    assert state.shadow is not None
+    params: dict[str, Any] = {"after": 0, "limit": 5000, "since": state.shadow["started_at"]}
+    params["model"] = shadow.settings.serving.model_name
+    doc = httpx.get(f"{shadow.receiver_url}/v1/tail", params=params, timeout=30).json()
+    texts: list[str] = []
+    for logged in champion_inferences(doc["events"], state.champion):
+        texts.extend(request_texts(logged.body) or [])
+    assert len(texts) >= pairs, (len(texts), pairs)
+    return texts[:pairs]
+
+
 def p99_ms(answers: Sequence[Answer]) -> float:
     """Nearest-rank p99 of the client-seen latencies."""
     ordered = sorted(a.seconds for a in answers)
@@ -223,8 +239,15 @@ def test_a_label_flipping_challenger_fails_the_shadow_and_no_client_notices(
     assert final.failure is not None and final.failure["stage"] == "shadow"
     assert "agreement" in final.failure["metric"]
     reported = 1.0 - float(final.failure["agreement"])
-    # The pairs are the texts the clients sent (a random sample of the same pool).
-    assert abs(reported - expected) < 0.1, (reported, expected)
+    # The pairs are the texts the clients sent in the shadow, in the order the receiver got
+    # them: the judged ones are the first `pairs` texts; both models, run here, must disagree
+    # on the fraction of them the judge reported.
+    judged = judged_texts(shadow, final, int(final.failure["pairs"]))
+    champion_says, _ = shadow.source.classifier.predict(judged)
+    flipped_says, _ = flipping.predict(judged)
+    exact = sum(a != b for a, b in zip(champion_says, flipped_says, strict=True)) / len(judged)
+    assert abs(reported - exact) < 0.02, (reported, exact, expected)
+    assert abs(reported - expected) < 0.15, (reported, expected)  # the pool's fraction
     assert final.failure["disagreeing_ids"]
     assert final.failure["pairs"] >= SHADOW["min_pairs"]
 
@@ -247,7 +270,8 @@ def test_a_label_flipping_challenger_fails_the_shadow_and_no_client_notices(
     assert with_shadow <= max(3 * without, without + 150), (with_shadow, without)
     shadow.numbers["flipping"] = {
         "pairs_judged": final.failure["pairs"],
-        "flipped_fraction_expected": round(expected, 4),
+        "flipped_fraction_of_the_pool": round(expected, 4),
+        "flipped_fraction_of_the_judged_texts": round(exact, 4),
         "disagreement_reported": round(reported, 4),
         "time_to_verdict_s": round(decided - begun, 2),
         "client_p99_ms_with_shadow": with_shadow,

@@ -212,6 +212,11 @@ def test_receiver_tail_numbers_events_and_filters_by_model() -> None:
     tail.add([rec("d", "m"), rec("e", "m")])  # the ring keeps the last 3
     doc = tail.read(3, 1, "m")
     assert [e["seq"] for e in doc["events"]] == [4] and doc["next"] == 4 and doc["first"] == 3
+    # Events received before ``since`` (before a shadow began) are passed over, not counted.
+    late = Record("f", events.REQUEST_TYPE, 9.0, attributes={"inferenceservicename": "m"})
+    tail.add([late])
+    doc = tail.read(0, 1, "m", since=5.0)
+    assert [e["id"] for e in doc["events"]] == ["f"] and doc["next"] == 6
 
 
 # -- the phase's transitions ----------------------------------------------------------------------
