@@ -302,3 +302,18 @@ def test_plan_round_trips_with_mode_and_shadow() -> None:
     old = PLAN.to_dict()
     del old["mode"], old["shadow"]
     assert Plan.from_dict(old).mode == "canary"  # a stored plan from before shadows
+
+
+def test_kserve_shadow_url_is_the_latest_tag_of_the_predictor() -> None:
+    from roost.rollout.backends.base import NotReady
+    from roost.rollout.backends.kserve import shadow_url
+
+    traffic = [
+        {"tag": "prev", "revisionName": "p-00001", "percent": 100, "url": "http://prev-p.ns"},
+        {"tag": "latest", "revisionName": "p-00002", "percent": 0, "latestRevision": True,
+         "url": "http://latest-p.ns"},
+    ]  # fmt: skip
+    obj = {"status": {"components": {"predictor": {"traffic": traffic}}}}
+    assert shadow_url(obj) == "http://latest-p.ns"
+    with pytest.raises(NotReady, match="enable-tag-routing"):
+        shadow_url({"status": {"components": {"predictor": {"traffic": traffic[:1]}}}})
