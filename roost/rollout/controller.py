@@ -287,7 +287,8 @@ class Controller:
         for logged, answer in zip(inferences, answers, strict=True):
             tally.add(logged, answer, plan.sample_ids)
         champion = state.window.get("champion") or Counts()
-        analysis = judge.judge(tally, champion, plan.thresholds, plan.min_pairs)
+        challenger = state.window.get("challenger")  # its server's metrics: the replays
+        analysis = judge.judge(tally, champion, plan.thresholds, plan.min_pairs, challenger)
         decided = engine.judge_shadow(
             state, analysis, tally.to_dict(),
             (batch.cursor if batch is not None else cursor).to_dict(), now,

@@ -14,9 +14,10 @@ Metrics (each with its threshold in ``rollout.shadow``):
   pairs (``roost.monitor.stats.js_distance``, the monitor's statistic);
 - ``confidence_shift``: the challenger's mean confidence less the champion's on the pairs,
   absolute value judged;
-- ``error_rate``, ``p99_latency_ms``: the challenger's replayed requests (an answer that is
-  not a 2xx prediction, or none within the timeout, is an error) against the champion's own
-  metrics over the same time (``roost.rollout.analysis`` checks, reused).
+- ``error_rate``: the challenger's replayed requests (an answer that is not a 2xx
+  prediction, or none within the timeout, is an error) against the champion's own 5xx rate;
+- ``p99_latency_ms``: the challenger server's latency histogram against the champion's, over
+  the same time (both measured inside the servers; ``roost.rollout.analysis`` checks, reused).
 
 Nothing passes on missing data: fewer than ``min_pairs`` pairs, or a metric without values,
 is inconclusive, and the controller fails a shadow still inconclusive at ``max_duration_s``.
@@ -255,10 +256,17 @@ def check_confidence_shift(tally: Tally, limit: float, enough: bool) -> MetricCh
 
 
 def judge(
-    tally: Tally, champion_live: Counts, thresholds: ShadowThresholds, min_pairs: int
+    tally: Tally,
+    champion_live: Counts,
+    thresholds: ShadowThresholds,
+    min_pairs: int,
+    challenger_live: Counts | None = None,
 ) -> Analysis:
     """The verdict on a shadow tally. ``champion_live``: the champion's own metrics (what its
-    clients got) over the shadow so far, the reference for error rate and p99.
+    clients got) over the shadow so far, the reference for error rate and p99;
+    ``challenger_live``: the challenger server's own metrics over the same time, whose latency
+    histogram is compared with the champion's (both measured inside the servers; without it,
+    the replays' latency as the replayer saw it).
 
     FAIL if any measured metric is past its limit (the error rate may fail once ``min_pairs``
     requests were replayed, even if they produced no pairs); PASS only with ``min_pairs`` pairs
@@ -267,12 +275,14 @@ def judge(
     enough = tally.pairs >= min_pairs
     replayed = int(tally.challenger.requests)
     t = thresholds
+    has_latency = challenger_live is not None and challenger_live.latency
+    latency = challenger_live if has_latency and challenger_live else tally.challenger
     checks = [
         check_agreement(tally, t.min_agreement, enough),
         check_js_distance(tally, t.max_js_distance, enough),
         check_confidence_shift(tally, t.max_confidence_shift, enough),
         check_error_rate(champion_live, tally.challenger, t.max_error_rate),
-        check_p99(champion_live, tally.challenger, t.max_p99_ratio, t.p99_slack_ms),
+        check_p99(champion_live, latency, t.max_p99_ratio, t.p99_slack_ms),
     ]
     if replayed < min_pairs:
         checks = [_unjudged(c) for c in checks]

@@ -127,6 +127,14 @@ def test_challenger_errors_and_latency_against_the_champion() -> None:
     assert p99 is not None and p99.challenger is not None and p99.challenger > 1000
     assert p99.passed is False
     assert result.verdict is Verdict.FAIL
+    # With the challenger server's own histogram (the replays measured inside it), that is
+    # what p99 compares: 100 answers under 7.5 ms against the champion's 5 ms bucket passes.
+    server = Counts(ok=100.0, latency={"0.0075": 100.0, "+Inf": 100.0})
+    fair = judge(tally, live(100), T, min_pairs=50, challenger_live=server)
+    p99 = fair.metric("p99_latency_ms")
+    assert p99 is not None and p99.passed is True and p99.challenger is not None
+    # rank 99 of 100 in the first bucket (0, 7.5 ms]: 7.5 * 0.99 = 7.425 ms; champion 4.95 ms
+    assert p99.challenger == pytest.approx(7.425) and p99.champion == pytest.approx(4.95)
 
 
 def test_a_challenger_that_always_fails_is_judged_without_pairs() -> None:
