@@ -263,13 +263,6 @@ class ShadowSettings(_Section):
     min_agreement: float = Field(
         0.95, ge=0, le=1, description="Least share of pairs where both models give one label."
     )
-    max_agreement_gap: float | None = Field(
-        None,
-        ge=0,
-        le=1,
-        description="With feedback labels: agreement may not be below the champion's live "
-        "accuracy minus this (unset: not checked).",
-    )
     max_js_distance: float = Field(
         0.1, ge=0, le=1, description="JS distance (base 2) of the two label distributions."
     )
