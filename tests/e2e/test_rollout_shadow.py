@@ -314,7 +314,7 @@ def test_a_controller_killed_during_the_shadow_is_resumed_without_a_second_phase
     shadow: Shadow,
 ) -> None:
     version = register_copy(shadow.settings, shadow.source)
-    process = driver(shadow, version, "sigkill", ROOST_ROLLOUT__SHADOW__DURATION_S="6")
+    process = driver(shadow, version, "sigkill", ROOST_ROLLOUT__SHADOW__DURATION_S="12")
     traffic: Traffic | None = None
     try:
 
@@ -338,6 +338,8 @@ def test_a_controller_killed_during_the_shadow_is_resumed_without_a_second_phase
             process.kill()
         answers = traffic.stop() if traffic is not None else []
     assert final.id == before.id and final.phase is Phase.SHADOW_PASSED
+    assert before.shadow is not None and before.shadow["status"] == "running"
+    assert final.shadow is not None and float(final.shadow["decided_at"]) > killed_at
     assert [e["event"] for e in final.history].count("shadow") == 1
     assert [e["event"] for e in final.history].count("started") == 1
     assert final.shadow is not None and before.shadow is not None
