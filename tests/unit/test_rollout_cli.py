@@ -104,3 +104,15 @@ def test_status_shows_the_shadow_phase_as_the_first_row(tmp_path: Path) -> None:
     assert "mode shadow" in text and "disagreeing ids: e0, e1, e2, e3, e4" in text
     row = next(line.split() for line in err.splitlines() if line.strip().startswith("shadow "))
     assert row[1] == "0%" and "0.750" in row and row[-3:] == ["fail", "->", "rolled_back"]
+
+
+def test_a_shadow_without_a_payload_receiver_is_refused(tmp_path: Path) -> None:
+    code, _, err = run(
+        "--state-dir", str(tmp_path), "rollout", "start", "sentiment", "--version", "2",
+    )  # fmt: skip
+    assert code == 2 and "needs the champion's payload log" in err and "--mode canary" in err
+    code, _, err = run(
+        "--state-dir", str(tmp_path), "rollout", "start", "sentiment", "--version", "2",
+        "--mode", "sometimes",
+    )  # fmt: skip
+    assert code == 2 and "--mode: one of shadow, canary, shadow-then-canary" in err
