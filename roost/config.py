@@ -254,6 +254,50 @@ class ServingSettings(_Section):
     logging: PayloadLoggingSettings = PayloadLoggingSettings()
 
 
+class ShadowSettings(_Section):
+    """The shadow phase of a rollout (owned by roost.rollout.shadow): the challenger answers a
+    copy of the champion's logged traffic in the dark and is judged pair by pair."""
+
+    duration_s: float = Field(60.0, gt=0, description="Shortest shadow phase (seconds).")
+    max_duration_s: float = Field(
+        600.0, gt=0, description="Without min_pairs by then the shadow fails (missing data)."
+    )
+    min_pairs: int = Field(100, ge=1, description="Judged pairs (texts) before any verdict.")
+    sample_rate: float = Field(
+        1.0, gt=0, le=1, description="Share of the champion's logged requests replayed."
+    )
+    min_agreement: float = Field(
+        0.95, ge=0, le=1, description="Least share of pairs where both models give one label."
+    )
+    max_js_distance: float = Field(
+        0.1, ge=0, le=1, description="JS distance (base 2) of the two label distributions."
+    )
+    max_confidence_shift: float = Field(
+        0.1, ge=0, le=1, description="Absolute shift of the mean confidence over the pairs."
+    )
+    max_error_rate: float = Field(
+        0.01, ge=0, le=1, description="Allowed rise of the challenger's error rate."
+    )
+    max_p99_ratio: float = Field(2.0, ge=1, description="p99 as a multiple of the champion's...")
+    p99_slack_ms: float = Field(
+        50.0, ge=0, description="...and as an absolute rise (ms); both must be exceeded to fail."
+    )
+    timeout_s: float = Field(
+        2.0, gt=0, description="A replayed request unanswered after this is a challenger error."
+    )
+    concurrency: int = Field(4, ge=1, description="Replayed requests in flight at most.")
+    batch: int = Field(400, ge=1, description="Logged events read from the receiver per pass.")
+    settle_s: float = Field(
+        1.0, ge=0, description="Events younger than this wait a pass (their response may lag)."
+    )
+    receiver_url: str | None = Field(
+        None,
+        description="Payload receiver to read the champion's events from; default: monitor.url, "
+        "then the `roost monitor up` one.",
+    )
+    sample_ids: int = Field(20, ge=0, description="Disagreeing event ids recorded at most.")
+
+
 class RolloutSettings(_Section):
     """Progressive delivery (owned by roost.rollout).
 
@@ -262,6 +306,12 @@ class RolloutSettings(_Section):
     ``max_failed_checks`` failing checks in a row it is rolled back.
     """
 
+    mode: Literal["shadow", "canary", "shadow-then-canary"] = Field(
+        "shadow-then-canary",
+        description="shadow: judge the challenger on a copy of live traffic only; canary: "
+        "weights only; shadow-then-canary: shadow first, canary steps if it passes.",
+    )
+    shadow: ShadowSettings = ShadowSettings()
     steps: list[int] = Field([10, 25, 50, 100], description="Canary weights (percent), in order.")
     window_s: float = Field(60.0, gt=0, description="Analysis window held at each step.")
     min_requests: int = Field(50, ge=1, description="Requests to the canary before any verdict.")

@@ -1,13 +1,15 @@
-"""The whole loop on one machine: MLflow -> train -> gate -> canary -> serve -> predict.
+"""The whole loop on one machine: MLflow -> train -> gate -> shadow -> canary -> serve -> predict.
 
 Every stage calls the same functions as the individual commands (``roost mlflow up``,
 ``roost train``, ``roost promote``, ``roost rollout start``, ``roost serve``, ``roost predict``);
 the demo only sequences them, times them and stops what it started.
 
 The first run on an empty store has no champion: the gated version becomes ``champion``. Later
-runs make it the ``challenger`` and canary it against the champion through the local backend
-(two model servers behind nginx) with short windows and traffic the demo generates itself,
-then serve whichever version is champion afterwards.
+runs make it the ``challenger``, shadow it (the champion's logged traffic replayed to it
+through a payload receiver the demo starts, the answers judged pair by pair), then canary it
+against the champion through the local backend (two model servers behind nginx) with short
+windows and traffic the demo generates itself, and serve whichever version is champion
+afterwards.
 """
 
 from __future__ import annotations
@@ -27,8 +29,16 @@ from roost.train import TrainOutcome, TrainProgress, run_training
 
 log = logging.getLogger(__name__)
 
-# The demo's canary: short windows, enough generated traffic for a verdict at 10 %.
-DEMO_ROLLOUT = {"window_s": 8.0, "check_interval_s": 1.0, "min_requests": 20, "poll_s": 0.25}
+# The demo's rollout: a short shadow phase, then short canary windows; enough generated
+# traffic for a verdict at 10 %.
+DEMO_ROLLOUT: dict[str, Any] = {
+    "mode": "shadow-then-canary",
+    "window_s": 8.0,
+    "check_interval_s": 1.0,
+    "min_requests": 20,
+    "poll_s": 0.25,
+}
+DEMO_SHADOW: dict[str, Any] = {"duration_s": 6.0, "min_pairs": 60, "max_duration_s": 60.0}
 DEMO_TRAFFIC_RPS = 50.0
 
 
@@ -123,7 +133,10 @@ def run_demo(
         report.gate_reason = result.decision.reason
 
         if champion and result.decision.passed:
-            message = f"canary of v{result.version} against champion v{champion} (nginx, local)"
+            message = (
+                f"shadow, then canary of v{result.version} against champion v{champion} "
+                "(nginx, local)"
+            )
             with stage("canary", message):
                 report.rollout = run_canary(
                     settings, report.tracking_uri, result.version, outcome.run_id, notify,
@@ -173,6 +186,7 @@ def run_canary(
     keep_running: bool = False,
 ) -> dict[str, Any]:
     """Canary ``version`` through the local backend while sending it generated traffic."""
+    from roost.monitor import local as receiver
     from roost.rollout import engine
     from roost.rollout.backends.local import LocalBackend
     from roost.rollout.controller import Controller
@@ -180,8 +194,14 @@ def run_canary(
     from roost.rollout.traffic import Traffic, first_answer_from, run_texts, start_canary_traffic
     from roost.rollout.traffic import summary as traffic_summary
 
+    running = receiver.receiver_url(settings)
+    started_receiver = running is None
+    if running is None:
+        notify("starting a payload receiver for the shadow phase (roost monitor up)")
+        running = receiver.up(settings).url
+    shadow = settings.rollout.shadow.model_copy(update={**DEMO_SHADOW, "receiver_url": running})
     canary_settings = settings.model_copy(
-        update={"rollout": settings.rollout.model_copy(update=DEMO_ROLLOUT)}
+        update={"rollout": settings.rollout.model_copy(update={**DEMO_ROLLOUT, "shadow": shadow})}
     )
     backend = LocalBackend(canary_settings, tracking_uri)
 
@@ -215,6 +235,8 @@ def run_canary(
             traffic.stop()
         if not keep_running:
             backend.shutdown()
+            if started_receiver:
+                receiver.down(settings)
     first = first_answer_from(answers, version, started)
     return {
         "id": final.id,
@@ -225,6 +247,7 @@ def run_canary(
         "failure": final.failure,
         "plan": plan.to_dict(),
         "steps": engine.steps_table(final),
+        "shadow": engine.shadow_summary(final),
         "traffic": traffic_summary(answers),
         "first_canary_answer_s": None if first is None else round(first - started, 3),
         "proxy": backend.describe() if keep_running else {},
@@ -234,6 +257,14 @@ def run_canary(
 
 def _event_line(event: dict[str, Any]) -> str | None:
     kind, weight = event["event"], event.get("weight")
+    if kind == "shadow":
+        return "shadow: the champion's logged traffic is replayed to the challenger"
+    if event.get("stage") == "shadow" and kind in ("window", "check"):
+        analysis = event.get("analysis") or {}
+        checks = {c["name"]: c for c in analysis.get("checks") or []}
+        agreement = (checks.get("agreement") or {}).get("value")
+        verdict = "passed" if kind == "window" else "failed"
+        return f"shadow {verdict}: agreement {agreement} ({analysis.get('reason', '')})"
     if kind == "weight":
         return f"{weight}% of requests to the challenger"
     if kind == "window":

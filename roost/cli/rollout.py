@@ -18,7 +18,7 @@ from roost.cli.output import JsonFlag, console, emit_json
 from roost.errors import ConfigError, NotFound, RolloutAborted, Unavailable
 from roost.rollout import engine
 from roost.rollout.backends import make as make_backend
-from roost.rollout.state import ACTIONS, Action, Phase, RolloutState
+from roost.rollout.state import ACTIONS, MODES, Action, Phase, RolloutState
 
 if TYPE_CHECKING:  # the controller and recorder import httpx and pydantic: only when run
     from roost.config import Settings
@@ -80,15 +80,22 @@ def describe_event(event: dict[str, Any]) -> str | None:
     weight = event.get("weight")
     if kind == "started":
         return f"started against champion v{event.get('champion')}"
+    if kind == "shadow":
+        return "[bold]shadow[/]: the challenger answers a copy of the champion's traffic"
     if kind == "weight":
         return f"[bold]weight {weight}%[/] applied"
+    if kind == "serving" and event.get("step") == 0 and weight == 0:
+        return f"challenger ready in the dark ({event.get('after_s', 0):.1f}s after start)"
     if kind == "serving":
         return f"canary serves {weight}% ({event.get('after_s', 0):.1f}s after the change)"
+    where = "in shadow" if event.get("stage") == "shadow" else f"at {weight}%"
     if kind == "window":
-        return f"[green]window passed[/] at {weight}%: {_measured(event.get('analysis'))}"
+        return f"[green]window passed[/] {where}: {_measured(event.get('analysis'))}"
     if kind == "check":
         analysis = event.get("analysis") or {}
-        return f"[yellow]check failed[/] at {weight}%: {analysis.get('reason', '')}"
+        return f"[yellow]check failed[/] {where}: {analysis.get('reason', '')}"
+    if kind == "finished":
+        return f"[bold green]shadow passed[/]: {event.get('reason', '')} (mode shadow: ends here)"
     if kind == "hold":
         return f"[yellow]holding[/] {weight}%: {event.get('reason')}"
     if kind in ("pause", "resume", "abort", "promote"):
@@ -108,6 +115,11 @@ def _measured(analysis: dict[str, Any] | None) -> str:
     for name, label in (("error_rate", "errors"), ("p99_latency_ms", "p99 ms")):
         check = row.get(name) or {}
         parts.append(f"{label} {_num(check.get('challenger'))}/{_num(check.get('champion'))}")
+    if row.get("agreement"):
+        parts.append(f"agreement {_num((row.get('agreement') or {}).get('value'))}")
+        parts.append(f"JS dist {_num((row.get('js_distance') or {}).get('value'))}")
+        parts.append(f"conf shift {_num((row.get('confidence_shift') or {}).get('value'))}")
+        return ", ".join(parts)
     parts.append(f"JS {_num((row.get('js_divergence') or {}).get('value'))}")
     parts.append(f"conf drop {_num((row.get('confidence_drop') or {}).get('value'))}")
     return ", ".join(parts)
@@ -137,10 +149,14 @@ def printer(json_output: bool) -> Callable[[RolloutState, dict[str, Any]], None]
 
 
 def steps_table(rows: list[dict[str, Any]], title: str = "rollout steps") -> Table:
-    """The step table: weight, when, time to serve, measured values (canary/primary), verdict."""
+    """The step table: weight, when, time to serve, measured values (canary/primary), verdict.
+
+    A shadow phase is a row of its own (step ``shadow``, weight 0): requests are the replayed
+    ones against the champion's, JS is the label distributions' distance over the pairs,
+    conf its mean-confidence shift and agree the share of pairs with the same label."""
     table = Table(title=title, box=box.SIMPLE_HEAD, caption="pairs: canary/primary", pad_edge=False)
     for column in ("step", "weight", "at", "serving", "requests", "5xx rate", "p99 ms",
-                   "JS div", "conf drop", "verdict"):  # fmt: skip
+                   "agree", "JS", "conf", "verdict"):  # fmt: skip
         table.add_column(column, justify="left" if column == "verdict" else "right", no_wrap=True)
     for row in rows:
         measured = engine.compact_row(row)
@@ -159,8 +175,16 @@ def steps_table(rows: list[dict[str, Any]], title: str = "rollout steps") -> Tab
             _pair(measured.get("requests")),
             f"{_fixed(err.get('challenger'), 3)}/{_fixed(err.get('champion'), 3)}" if err else "-",
             f"{_fixed(p99.get('challenger'), 1)}/{_fixed(p99.get('champion'), 1)}" if p99 else "-",
-            _fixed((measured.get("js_divergence") or {}).get("value"), 3),
-            _fixed((measured.get("confidence_drop") or {}).get("value"), 3),
+            _fixed((measured.get("agreement") or {}).get("value"), 3),
+            _fixed(
+                (measured.get("js_divergence") or measured.get("js_distance") or {}).get("value"), 3
+            ),
+            _fixed(
+                (measured.get("confidence_drop") or measured.get("confidence_shift") or {}).get(
+                    "value"
+                ),
+                3,
+            ),
             f"[{colour}]{verdict}[/]",
         )
     return table
@@ -223,6 +247,14 @@ def start(
         ),
     ] = None,
     backend: BackendOpt = None,
+    mode: Annotated[
+        str | None,
+        typer.Option(
+            help="shadow | canary | shadow-then-canary (default: rollout.mode, "
+            "shadow-then-canary).",
+            show_default=False,
+        ),
+    ] = None,
     steps: Annotated[
         str | None, typer.Option(help="Canary weights, e.g. 10,25,50,100.", show_default=False)
     ] = None,
@@ -244,11 +276,14 @@ def start(
     timeout: TimeoutOpt = None,
     json_output: JsonFlag = False,
 ) -> None:
-    """Canary a version: step its weight up, analyse each window, promote or roll back."""
+    """Shadow and/or canary a version: judge it on a copy of the champion's traffic, step its
+    weight up, analyse each window, promote or roll back."""
+    if mode is not None and mode not in MODES:
+        raise ConfigError(f"--mode: one of {', '.join(MODES)}, got {mode!r}")
     settings = _settings(
         ctx, model, backend,
         **{"rollout.steps": _parse_steps(steps), "rollout.window_s": window,
-           "rollout.min_requests": min_requests},
+           "rollout.min_requests": min_requests, "rollout.mode": mode},
     )  # fmt: skip
     chosen = make_backend(settings)
     stop = threading.Event()
@@ -346,12 +381,17 @@ def status(
     console.print(
         f"rollout {current.id}: {current.model} v{current.version} vs champion "
         f"v{current.champion} - [bold]{current.phase.value}[/] at {current.weight}% "
-        f"(step {min(current.step + 1, len(current.plan.steps))}/{len(current.plan.steps)})"
+        f"(step {min(current.step + 1, len(current.plan.steps))}/{len(current.plan.steps)}, "
+        f"mode {current.plan.mode})"
     )
     if current.holding:
         console.print(f"holding: {current.holding}")
     if current.failure and current.terminal:
         console.print(f"failed metric: {current.failure.get('metric')}")
+        if current.failure.get("disagreeing_ids"):
+            console.print(f"disagreeing ids: {', '.join(current.failure['disagreeing_ids'])}")
+    if current.shadow is not None:
+        console.print(f"shadow: {engine.shadow_summary(current)}")
     console.print(f"driven by {current.owner or 'nobody'}; MLflow run {current.run_id or '-'}")
     _render_outcome(current, chosen)
 

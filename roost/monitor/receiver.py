@@ -11,6 +11,8 @@ Routes:
   for logged events (the id is the ``x-roost-event-id`` / v2 response ``id``).
 - ``POST /v1/flush``: close the journal segment and compact it now (tests, reports).
 - ``PUT /v1/drift``: a report's statistics, published as the ``roost_drift_*`` gauges.
+- ``GET /v1/tail?after=SEQ&limit=N&model=M&since=T``: the latest events, numbered (``tail.py``);
+  a rollout's shadow phase follows the champion's traffic with it.
 - ``GET /healthz``, ``GET /metrics`` (Prometheus).
 """
 
@@ -34,6 +36,7 @@ from starlette.routing import Route
 
 from roost.monitor import events
 from roost.monitor.journal import Journal, Record
+from roost.monitor.tail import Tail
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +130,7 @@ def create_app(
 
     journal = Journal(root, segment_bytes=segment_bytes, segment_s=segment_s, store=store)
     metrics = Metrics()
+    tail = Tail()
 
     async def ingest(request: Request) -> Response:
         start = time.perf_counter()
@@ -137,7 +141,9 @@ def create_app(
         except events.EventError as exc:
             return _error(str(exc), exc.status, metrics)
         received = time.time()
-        stored, duplicates = await journal.append(Record.of_event(e, received) for e in batch)
+        records = [Record.of_event(e, received) for e in batch]
+        stored, duplicates = await journal.append(records)
+        tail.add(records)
         for e in batch:
             metrics.stored.labels(type=e.type.rsplit(".", 1)[-1]).inc()
         if duplicates:
@@ -178,6 +184,16 @@ def create_app(
             return _error(f"drift report: {exc}", 422, metrics)
         return JSONResponse({"ok": True})
 
+    async def recent(request: Request) -> Response:
+        query = request.query_params
+        try:
+            after, limit = int(query.get("after", "0")), int(query.get("limit", "1000"))
+            since = float(query.get("since", "0"))
+        except ValueError:
+            return _error("after, limit: integers expected; since: a number", 400, metrics)
+        doc = tail.read(after, limit, query.get("model"), since)
+        return Response(orjson.dumps(doc), media_type="application/json")
+
     async def health(_: Request) -> Response:
         return JSONResponse({"status": "ok", "stored": journal.stored})
 
@@ -197,6 +213,7 @@ def create_app(
             Route("/v1/feedback", feedback, methods=["POST"]),
             Route("/v1/flush", flush, methods=["POST"]),
             Route("/v1/drift", drift, methods=["PUT"]),
+            Route("/v1/tail", recent, methods=["GET"]),
             Route("/healthz", health, methods=["GET"]),
             Route("/metrics", prometheus, methods=["GET"]),
         ],

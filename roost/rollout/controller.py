@@ -27,6 +27,7 @@ from typing import Any
 from roost import proc
 from roost.config import Settings
 from roost.errors import (
+    ConfigError,
     Conflict,
     NotFound,
     RolloutAborted,
@@ -36,16 +37,16 @@ from roost.errors import (
     Unavailable,
 )
 from roost.rollout import engine
-from roost.rollout.analysis import analyse
+from roost.rollout.analysis import Counts, analyse
 from roost.rollout.backends.base import Backend, CanaryFailed, Readiness, owner_id
 from roost.rollout.record import Recorder
-from roost.rollout.state import Action, Command, Phase, Plan, RolloutState
+from roost.rollout.state import Action, Command, Mode, Phase, Plan, RolloutState
 
 log = logging.getLogger(__name__)
 
 OnEvent = Callable[[RolloutState, dict[str, Any]], None]
 Notify = Callable[[str], None]
-FINISHED = ("promoted", "rolled_back", "superseded")
+FINISHED = ("promoted", "rolled_back", "superseded", "shadow_passed", "shadow_failed")
 
 # Fields whose change alone does not need a write to the backend (observations in between
 # checks are kept in memory; the saved pair (window, last_scrape) is always consistent).
@@ -134,12 +135,25 @@ class Controller:
         self._seen[state.id] = len(state.history)
 
     # -- starting ---------------------------------------------------------------------------
-    def start(self, version: str | None = None) -> RolloutState:
+    def start(self, version: str | None = None, mode: Mode | None = None) -> RolloutState:
         """Begin a rollout of ``version`` (default: the ``challenger`` alias).
 
         Raises Conflict if one is in flight, NotFound without a champion, RolloutAborted if
-        the challenger's signature differs from the champion's.
+        the challenger's signature differs from the champion's, ConfigError for a shadow
+        phase without a payload receiver to read the champion's traffic from.
         """
+        plan = Plan.from_settings(self.cfg, mode)
+        receiver = None
+        if plan.shadows:
+            from roost.rollout.replay import receiver_url
+
+            receiver = receiver_url(self.settings)
+            if receiver is None:
+                raise ConfigError(
+                    f"rollout mode {plan.mode} needs the champion's payload log: start a "
+                    "receiver (`roost monitor up`) or set rollout.shadow.receiver_url / "
+                    "monitor.url; or use --mode canary"
+                )
         cfg = self.settings.registry
         reg = self.recorder.registry()
         version = version or reg.require_alias(cfg.challenger_alias)
@@ -166,12 +180,18 @@ class Controller:
                 reg.delete_alias(cfg.challenger_alias)
             raise RolloutAborted(f"{self.model} v{version} not canaried: {mismatch}")
         self.backend.preflight()  # e.g. nginx installed: fail before anything is written
-        plan = Plan.from_settings(self.cfg)
         now = self.clock()
         state = engine.start(
             plan, self.model, version, champion, self.backend.name, now, uuid.uuid4().hex[:12]
         )
-        state = dataclasses.replace(state, owner=self.owner, heartbeat=now)
+        shadow = None
+        if receiver is not None:
+            shadow = {
+                "status": "pending",
+                "receiver": receiver,
+                "model": self.backend.logged_model(),
+            }
+        state = dataclasses.replace(state, owner=self.owner, heartbeat=now, shadow=shadow)
         state = self.backend.create_state(state)  # Conflict if another start won the race
         self._memo = state
         self._emit(state)
@@ -206,12 +226,84 @@ class Controller:
             state = engine.apply_command(state, command, now)
         state = self._save(state)
         if state.pending is None and state.phase is Phase.PROGRESSING:
-            state = self._analyse(state, now)
+            state = self._step(state, now)
         if state.pending is not None:
             state = self._perform(state)
             if state.phase is Phase.PROGRESSING and state.pending is None:
-                state = self._analyse(state, self.clock())  # start the window without a poll
+                state = self._step(state, self.clock())  # start the window without a poll
         return self._record(state)
+
+    def _step(self, state: RolloutState, now: float) -> RolloutState:
+        if engine.shadowing(state):
+            return self._shadow(state, now)
+        return self._analyse(state, now)
+
+    def _shadow(self, state: RolloutState, now: float) -> RolloutState:
+        """One pass of the shadow phase: replay what the champion logged since the last check
+        to the challenger, add the pairs to the tally, judge it."""
+        from roost.rollout import shadow as judge
+        from roost.rollout.replay import Batch, Cursor, Feed, replay
+
+        try:
+            readiness = self.backend.ready(state)
+        except CanaryFailed as exc:
+            failure = {"metric": "readiness", "reason": str(exc), "stage": "shadow"}
+            return self._save(engine.rollback(state, now, str(exc), failure))
+        except Unavailable as exc:
+            readiness = Readiness(False, str(exc))
+        if not readiness.ok:
+            return self._save(engine.not_ready(state, readiness.reason, now))
+        try:
+            snapshot = self.backend.scrape(state)  # the champion's own latency and errors
+        except Unavailable as exc:
+            reason = f"metrics unavailable, shadow waits: {exc}"
+            return self._save(engine.hold(state, reason, now, key="metrics"))
+        if state.window_started is None:
+            return self._save(engine.begin_window(state, snapshot, now))
+        state = engine.observe(state, snapshot, now)
+        if not engine.check_due(state, now):
+            return self._save(state)
+        assert state.shadow is not None
+        plan = state.plan.shadow
+        cursor = Cursor.from_dict(state.shadow.get("cursor"))
+        tally = judge.Tally.from_dict(state.shadow.get("tally"))
+        feed = Feed(str(state.shadow["receiver"]), str(state.shadow["model"]))
+        batch: Batch | None = None
+        inferences: list[judge.Logged] = []
+        answers: list[judge.Answer] = []
+        try:
+            since = float(state.shadow["started_at"])  # the champion's traffic from now on
+            batch = feed.read(cursor, plan.batch, plan.settle_s, now, since)
+            inferences = judge.champion_inferences(batch.events, state.champion, plan.sample_rate)
+            if inferences:
+                endpoint = self.backend.shadow_endpoint(state)
+                name = self.settings.serving.model_name
+                answers = replay(inferences, endpoint, name, plan.timeout_s, plan.concurrency)
+        except Unavailable as exc:  # judged on what it has: max_duration_s still ends it
+            state = engine.hold(state, f"shadow waits: {exc}", now, key="shadow")
+            batch, inferences, answers = None, [], []
+        if batch is not None and batch.restarted:
+            self.notify(f"rollout {state.id}: the payload receiver restarted; following it anew")
+        for logged, answer in zip(inferences, answers, strict=True):
+            tally.add(logged, answer, plan.sample_ids)
+        champion = state.window.get("champion") or Counts()
+        challenger = state.window.get("challenger")  # its server's metrics: the replays
+        analysis = judge.judge(tally, champion, plan.thresholds, plan.min_pairs, challenger)
+        decided = engine.judge_shadow(
+            state, analysis, tally.to_dict(),
+            (batch.cursor if batch is not None else cursor).to_dict(), now,
+            judge.failure(analysis, tally),
+        )  # fmt: skip
+        if decided.pending is not None and decided.pending.kind != "rollback":
+            try:
+                self.recorder.sync(decided)
+            except Unavailable as exc:
+                reason = f"registry unreachable, shadow verdict waits: {exc}"
+                return self._save(
+                    engine.hold(engine.checked(state, analysis, now), reason, now, key="registry")
+                )
+            decided = dataclasses.replace(decided, recorded=len(decided.history))
+        return self._save(decided)
 
     def _analyse(self, state: RolloutState, now: float) -> RolloutState:
         try:
@@ -254,7 +346,11 @@ class Controller:
         assert op is not None
         now = self.clock()
         try:
-            if op.kind == "set_weight":
+            if op.kind == "shadow":
+                self.backend.start_shadow(state)
+            elif op.kind == "finish":
+                self.backend.retire(state)
+            elif op.kind == "set_weight":
                 self.backend.prepare(state)
                 current = self.backend.current_weight(state)
                 if engine.needs_apply(op, current):
@@ -274,7 +370,7 @@ class Controller:
             failure = {"metric": "readiness", "reason": str(exc)}
             return self._save(engine.rollback(state, now, str(exc), failure))
         except (Unavailable, Timeout) as exc:
-            if op.kind == "set_weight":
+            if op.kind in ("set_weight", "shadow"):
                 return self._save(engine.not_ready(state, str(exc), now))
             reason = f"{op.kind} waits: {exc}"
             return self._save(engine.hold(state, reason, now, key=op.kind))
@@ -348,7 +444,7 @@ class Controller:
             except Conflict as exc:
                 self._memo = None
                 log.info("conflict, retrying: %s", exc)
-            except (Unavailable, Timeout, NotFound) as exc:
+            except (Unavailable, Timeout, NotFound, ConfigError) as exc:
                 self._say_once(f"waiting: {exc}")
             except RolloutAborted as exc:
                 self.notify(str(exc))

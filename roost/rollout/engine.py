@@ -7,8 +7,11 @@ roll back. The state is written *before* an operation runs and the operation is 
 after it, so a driver that dies in between finds the operation pending and completes it
 (checking the backend first, so a weight is never applied twice).
 
-Stages of one rollout (Flagger-style)::
+Stages of one rollout (Flagger-style), after an optional shadow phase (``plan.mode``)::
 
+    [shadow: challenger up at weight 0, the champion's logged traffic replayed to it, pairs
+     judged every check_interval_s -> pass after duration_s with min_pairs (mode shadow: the
+     rollout ends shadow_passed) | fail: roll back, recorded shadow_failed]
     start -> set weight steps[0] -> canary ready -> window: check every check_interval_s
           -> window passed: next weight ... -> last window passed: promote
           -> max_failed_checks failing checks in a row: weight 0, roll back
@@ -52,11 +55,11 @@ def start(
     now: float,
     rollout_id: str,
 ) -> RolloutState:
-    """A new rollout whose first operation is the first canary weight."""
+    """A new rollout whose first operation is the shadow phase or the first canary weight."""
+    first = Op("shadow", 0, "shadow phase") if plan.shadows else Op("set_weight", plan.steps[0])
     state = RolloutState(
         id=rollout_id, model=model, version=version, champion=champion, backend=backend,
-        plan=plan, created_at=now, updated_at=now,
-        pending=Op("set_weight", plan.steps[0]),
+        plan=plan, created_at=now, updated_at=now, pending=first,
     )  # fmt: skip
     return dataclasses.replace(
         state, history=_event(state, now, "started", champion=champion, plan=plan.to_dict())
@@ -81,6 +84,21 @@ def commit(state: RolloutState, now: float) -> RolloutState:
             window={}, last_analysis=None, holding=None, applied=applied,
         )  # fmt: skip
         return dataclasses.replace(moved, history=_event(moved, now, "weight"))
+    if op.kind == "shadow":
+        shadowing = _replace(
+            state, now, pending=None, weight=0, weight_applied_at=now, window_started=None,
+            last_check=None, failed_checks=0, last_scrape=None, window={}, last_analysis=None,
+            holding=None,
+            shadow={**(state.shadow or {}), "status": "running", "started_at": now,
+                    "cursor": {}, "tally": {}},
+        )  # fmt: skip
+        return dataclasses.replace(shadowing, history=_event(shadowing, now, "shadow"))
+    if op.kind == "finish":
+        done = _replace(
+            state, now, pending=None, phase=Phase.SHADOW_PASSED, weight=0, finished_at=now,
+            holding=None,
+        )  # fmt: skip
+        return dataclasses.replace(done, history=_event(done, now, "finished", reason=op.reason))
     if op.kind == "promote":
         done = _replace(
             state, now, pending=None, phase=Phase.PROMOTED, weight=100, finished_at=now,
@@ -207,6 +225,64 @@ def judge(state: RolloutState, analysis: Analysis, now: float) -> RolloutState:
     if op.kind == "promote":
         return dataclasses.replace(passed, phase=Phase.PROMOTING, pending=op)
     return dataclasses.replace(passed, step=step, pending=op)
+
+
+def shadowing(state: RolloutState) -> bool:
+    """Is the rollout in its shadow phase (started, not yet decided)?"""
+    return state.shadow is not None and state.shadow.get("status") == "running"
+
+
+def judge_shadow(
+    state: RolloutState,
+    analysis: Analysis,
+    tally: dict[str, Any],
+    cursor: dict[str, Any],
+    now: float,
+    failure: dict[str, Any] | None = None,
+) -> RolloutState:
+    """Decide after one shadow check: fail at once, pass after ``duration_s``, or wait; a
+    shadow without enough data at ``max_duration_s`` fails (missing data is never a pass)."""
+    assert state.shadow is not None
+    plan = state.plan.shadow
+    shadow = {**state.shadow, "tally": tally, "cursor": cursor, "last_check": now}
+    state = dataclasses.replace(checked(state, analysis, now), shadow=shadow)
+    elapsed = now - float(shadow["started_at"])
+    verdict = analysis.verdict
+    if verdict is Verdict.INCONCLUSIVE and elapsed >= plan.max_duration_s:
+        verdict = Verdict.FAIL
+        analysis = dataclasses.replace(
+            analysis,
+            verdict=Verdict.FAIL,
+            reason=f"no verdict after {plan.max_duration_s:g}s: {analysis.reason}",
+        )
+    if verdict is Verdict.FAIL:
+        decided = {**shadow, "status": "failed", "decided_at": now}
+        state = dataclasses.replace(
+            state,
+            shadow=decided,
+            history=_event(
+                state, now, "check", verdict="fail", analysis=analysis.to_dict(), stage="shadow"
+            ),
+        )
+        record = dict(failure or {})
+        record.update(reason=analysis.reason, stage="shadow")
+        if not analysis.failed:
+            record["metric"] = "pairs"
+        return rollback(state, now, f"shadow failed: {analysis.reason}", record)
+    if verdict is Verdict.INCONCLUSIVE or elapsed < plan.duration_s:
+        return state
+    decided = {**shadow, "status": "passed", "decided_at": now}
+    passed = dataclasses.replace(
+        state,
+        shadow=decided,
+        holding=None,
+        history=_event(
+            state, now, "window", verdict="pass", analysis=analysis.to_dict(), stage="shadow"
+        ),
+    )
+    if state.plan.canaries:
+        return dataclasses.replace(passed, pending=Op("set_weight", state.plan.steps[0]))
+    return dataclasses.replace(passed, pending=Op("finish", 0, "shadow passed"))
 
 
 def failure_of(analysis: Analysis) -> dict[str, Any]:
@@ -358,7 +434,12 @@ def steps_table(state: RolloutState) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for event in state.history:
         kind = event["event"]
-        if kind == "weight":
+        if kind == "shadow":
+            rows.append({
+                "step": "shadow", "weight": 0, "applied_at": event["at"], "serving_after_s": None,
+                "verdict": None, "decided_at": None, "analysis": None, "reason": "",
+            })  # fmt: skip
+        elif kind == "weight":
             rows.append({
                 "step": event["step"] + 1 if event["weight"] else None,
                 "weight": event["weight"], "applied_at": event["at"], "serving_after_s": None,
@@ -372,7 +453,7 @@ def steps_table(state: RolloutState) -> list[dict[str, Any]]:
             rows[-1].update(
                 verdict=event.get("verdict"), decided_at=event["at"], analysis=event.get("analysis")
             )
-        elif kind in ("promoted", "rolled_back"):
+        elif kind in ("promoted", "rolled_back", "finished"):
             rows[-1]["reason"] = event.get("reason", "")
             rows[-1]["outcome"] = kind
     return rows
@@ -383,7 +464,11 @@ def version_tags(state: RolloutState) -> dict[str, str]:
     outcome = {
         Phase.PROMOTED: "promoted",
         Phase.ROLLED_BACK: "rolled_back",
+        Phase.SHADOW_PASSED: "shadow_passed",
     }.get(state.phase, "in_progress")
+    shadow_failed = (state.failure or {}).get("stage") == "shadow"
+    if state.phase is Phase.ROLLED_BACK and shadow_failed:
+        outcome = "shadow_failed"
     tags = {
         TAG: outcome,
         f"{TAG}.id": state.id,
@@ -392,6 +477,7 @@ def version_tags(state: RolloutState) -> dict[str, str]:
         f"{TAG}.step": f"{min(state.step + 1, len(state.plan.steps))}/{len(state.plan.steps)}",
         f"{TAG}.champion": state.champion,
         f"{TAG}.backend": state.backend,
+        f"{TAG}.mode": state.plan.mode,
         f"{TAG}.plan": json.dumps(state.plan.to_dict(), separators=(",", ":")),
         f"{TAG}.updated_at": _iso(state.updated_at),
     }
@@ -401,7 +487,12 @@ def version_tags(state: RolloutState) -> dict[str, str]:
         tags[f"{TAG}.holding"] = state.holding[:4000]
     for i, row in enumerate(steps_table(state), 1):
         tags[f"{TAG}.step.{i}"] = json.dumps(compact_row(row), separators=(",", ":"))[:4900]
+    if state.shadow is not None:
+        tags[f"{TAG}.shadow"] = json.dumps(shadow_summary(state), separators=(",", ":"))[:4900]
     if state.phase is Phase.ROLLED_BACK and state.failure:
+        if shadow_failed:
+            ids = state.failure.get("disagreeing_ids") or []
+            tags[f"{TAG}.disagreeing_ids"] = ",".join(ids)[:4900]
         tags[f"{TAG}.failed_metric"] = str(state.failure.get("metric", "none"))
         tags[f"{TAG}.failed_values"] = json.dumps(
             state.failure.get("checks") or state.failure.get("reason", ""), separators=(",", ":")
@@ -411,6 +502,27 @@ def version_tags(state: RolloutState) -> dict[str, str]:
         tags[f"{TAG}.reason"] = str(reason)[:4900]
         tags[f"{TAG}.finished_at"] = _iso(state.finished_at)
     return tags
+
+
+def shadow_summary(state: RolloutState) -> dict[str, Any]:
+    """The shadow phase in a few numbers: status, pairs, agreement, confusion, timing."""
+    shadow = state.shadow or {}
+    tally = shadow.get("tally") or {}
+    pairs = int(tally.get("pairs", 0))
+    started = shadow.get("started_at")
+    decided = shadow.get("decided_at")
+    return {
+        "status": shadow.get("status"),
+        "pairs": pairs,
+        "agreement": round(int(tally.get("agree", 0)) / pairs, 6) if pairs else None,
+        "confusion": tally.get("confusion") or {},
+        "errors": tally.get("errors") or {},
+        "replayed": int((tally.get("challenger") or {}).get("ok", 0))
+        + int((tally.get("challenger") or {}).get("error", 0)),
+        "verdict_after_s": (
+            None if started is None or decided is None else round(decided - started, 3)
+        ),
+    }
 
 
 def compact_row(row: Mapping[str, Any]) -> dict[str, Any]:

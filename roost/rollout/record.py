@@ -94,10 +94,16 @@ class Recorder:
         }
         run = self._call(lambda: client.create_run(experiment_id, tags=tags))
         run_id = str(run.info.run_id)
-        params = {f"plan.{k}": str(v) for k, v in state.plan.to_dict().items() if k != "thresholds"}
+        plan = state.plan.to_dict()
+        params = {f"plan.{k}": str(v) for k, v in plan.items() if k not in ("thresholds", "shadow")}
         params.update(
             {f"threshold.{k}": str(v) for k, v in state.plan.thresholds.to_dict().items()}
         )
+        if state.plan.shadows:
+            shadow = state.plan.shadow.to_dict()
+            thresholds = shadow.pop("thresholds")
+            params.update({f"shadow.{k}": str(v) for k, v in shadow.items()})
+            params.update({f"shadow.threshold.{k}": str(v) for k, v in thresholds.items()})
         from mlflow.entities import Param
 
         self._call(
@@ -139,7 +145,20 @@ class Recorder:
         document = history_document(state)
         self._call(lambda: reg.client.log_dict(run_id, document, ARTIFACT))
         if state.terminal:
-            status = "FINISHED" if state.phase is Phase.PROMOTED else "FAILED"
+            # The outcome on the run too (shadow_failed: failing metric, values, ids).
+            tags = engine.version_tags(state)
+            keep = (
+                "",
+                ".failed_metric",
+                ".failed_values",
+                ".disagreeing_ids",
+                ".shadow",
+                ".reason",
+            )
+            run_tags = {k: v for k, v in tags.items() if k in {engine.TAG + s for s in keep}}
+            self._call(lambda: [reg.client.set_tag(run_id, k, v) for k, v in run_tags.items()])
+            ok = state.phase in (Phase.PROMOTED, Phase.SHADOW_PASSED)
+            status = "FINISHED" if ok else "FAILED"
             end = int((state.finished_at or time.time()) * 1000)
             self._call(lambda: reg.client.set_terminated(run_id, status, end_time=end))
 

@@ -14,11 +14,14 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Literal
 
 from roost.rollout.analysis import Counts, Snapshot, Thresholds
+from roost.rollout.shadow import ShadowThresholds
 
 if TYPE_CHECKING:
     from roost.config import RolloutSettings
 
-OpKind = Literal["set_weight", "promote", "rollback"]
+OpKind = Literal["set_weight", "promote", "rollback", "shadow", "finish"]
+Mode = Literal["shadow", "canary", "shadow-then-canary"]
+MODES: tuple[Mode, ...] = ("shadow", "canary", "shadow-then-canary")
 Action = Literal["pause", "resume", "abort", "promote"]
 ACTIONS: tuple[Action, ...] = ("pause", "resume", "abort", "promote")
 
@@ -30,9 +33,62 @@ class Phase(StrEnum):
     ROLLING_BACK = "rolling_back"
     PROMOTED = "promoted"
     ROLLED_BACK = "rolled_back"
+    SHADOW_PASSED = "shadow_passed"  # mode shadow: judged in the dark, passed, nothing exposed
 
 
-TERMINAL = frozenset({Phase.PROMOTED, Phase.ROLLED_BACK})
+TERMINAL = frozenset({Phase.PROMOTED, Phase.ROLLED_BACK, Phase.SHADOW_PASSED})
+
+
+@dataclass(frozen=True)
+class ShadowPlan:
+    """The shadow phase: how long, how many pairs, which share of traffic, the thresholds."""
+
+    duration_s: float = 60.0
+    max_duration_s: float = 600.0
+    min_pairs: int = 100
+    sample_rate: float = 1.0
+    timeout_s: float = 2.0
+    concurrency: int = 4
+    batch: int = 400
+    settle_s: float = 1.0
+    sample_ids: int = 20
+    thresholds: ShadowThresholds = field(default_factory=ShadowThresholds)
+
+    @classmethod
+    def from_settings(cls, cfg: RolloutSettings) -> ShadowPlan:
+        s = cfg.shadow
+        return cls(
+            duration_s=s.duration_s,
+            max_duration_s=max(s.max_duration_s, s.duration_s),
+            min_pairs=s.min_pairs,
+            sample_rate=s.sample_rate,
+            timeout_s=s.timeout_s,
+            concurrency=s.concurrency,
+            batch=s.batch,
+            settle_s=s.settle_s,
+            sample_ids=s.sample_ids,
+            thresholds=ShadowThresholds(
+                min_agreement=s.min_agreement,
+                max_js_distance=s.max_js_distance,
+                max_confidence_shift=s.max_confidence_shift,
+                max_error_rate=s.max_error_rate,
+                max_p99_ratio=s.max_p99_ratio,
+                p99_slack_ms=s.p99_slack_ms,
+            ),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "thresholds"}
+        return {**out, "thresholds": self.thresholds.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ShadowPlan:
+        defaults = cls()
+        values: dict[str, Any] = {}
+        for name in cls.__dataclass_fields__:
+            if name != "thresholds" and name in data:
+                values[name] = type(getattr(defaults, name))(data[name])
+        return cls(**values, thresholds=ShadowThresholds.from_dict(data.get("thresholds") or {}))
 
 
 @dataclass(frozen=True)
@@ -46,10 +102,22 @@ class Plan:
     max_failed_checks: int = 2
     ready_timeout_s: float = 300.0
     thresholds: Thresholds = field(default_factory=Thresholds)
+    mode: Mode = "canary"  # a stored plan without a mode predates shadows: canary
+    shadow: ShadowPlan = field(default_factory=ShadowPlan)
+
+    @property
+    def shadows(self) -> bool:
+        return self.mode != "canary"
+
+    @property
+    def canaries(self) -> bool:
+        return self.mode != "shadow"
 
     @classmethod
-    def from_settings(cls, cfg: RolloutSettings) -> Plan:
+    def from_settings(cls, cfg: RolloutSettings, mode: Mode | None = None) -> Plan:
         return cls(
+            mode=mode or cfg.mode,
+            shadow=ShadowPlan.from_settings(cfg),
             steps=tuple(cfg.steps),
             window_s=cfg.window_s,
             check_interval_s=min(cfg.check_interval_s, cfg.window_s),
@@ -76,6 +144,18 @@ class Plan:
         return self.check_interval_s * self.max_failed_checks
 
     def describe(self) -> str:
+        shadow = self.shadow
+        first = (
+            f"shadow: the challenger answers a copy of the champion's traffic for at least "
+            f"{shadow.duration_s:g}s and {shadow.min_pairs} pairs (failing after "
+            f"{shadow.max_duration_s:g}s without them)"
+        )
+        if self.mode == "shadow":
+            return first + "; no client sees the challenger (mode shadow)"
+        canary = self._describe_canary()
+        return canary if self.mode == "canary" else f"{first}; then {canary}"
+
+    def _describe_canary(self) -> str:
         weights = " -> ".join(f"{w}%" for w in self.steps)
         return (
             f"steps {weights}, {self.window_s:g}s each: promotion takes at least "
@@ -94,11 +174,18 @@ class Plan:
             "max_failed_checks": self.max_failed_checks,
             "ready_timeout_s": self.ready_timeout_s,
             "thresholds": self.thresholds.to_dict(),
+            "mode": self.mode,
+            "shadow": self.shadow.to_dict(),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        mode = str(data.get("mode", "canary"))
+        if mode not in MODES:
+            raise ValueError(f"unknown rollout mode {mode!r}")
         return cls(
+            mode=mode,  # type: ignore[arg-type]
+            shadow=ShadowPlan.from_dict(data.get("shadow") or {}),
             steps=tuple(int(w) for w in data["steps"]),
             window_s=float(data["window_s"]),
             check_interval_s=float(data["check_interval_s"]),
@@ -174,6 +261,7 @@ class RolloutState:
     last_analysis: dict[str, Any] | None = None
     holding: str | None = None
     failure: dict[str, Any] | None = None
+    shadow: dict[str, Any] | None = None  # the shadow phase: started_at, cursor, tally, status
     history: tuple[dict[str, Any], ...] = ()
     applied: tuple[dict[str, Any], ...] = ()
     command_seen: str | None = None
@@ -220,6 +308,7 @@ class RolloutState:
             "last_analysis": self.last_analysis,
             "holding": self.holding,
             "failure": self.failure,
+            "shadow": self.shadow,
             "history": list(self.history),
             "applied": list(self.applied),
             "command_seen": self.command_seen,
@@ -259,6 +348,7 @@ class RolloutState:
             last_analysis=data.get("last_analysis"),
             holding=data.get("holding"),
             failure=data.get("failure"),
+            shadow=data.get("shadow"),
             history=tuple(data.get("history") or ()),
             applied=tuple(data.get("applied") or ()),
             command_seen=data.get("command_seen"),

@@ -10,6 +10,9 @@ registered as a new version. Nothing is a server flag: the servers load them lik
   those inputs only (a realistic vocabulary/weights mismatch).
 - :func:`register_skewed`: a large bias on one class in the linear head, so nearly every
   prediction is that class (confidently).
+- :func:`register_flipping`: the rarer tokens' embeddings point hard at one class, so the
+  texts that contain one (about ``fraction`` of them) get that label; the others keep the
+  champion's answer exactly (a label flip on a fraction of inputs, for shadow tests).
 """
 
 from __future__ import annotations
@@ -149,3 +152,33 @@ def register_skewed(
         champion.tokenizer, module, champion.labels, champion.arch, champion.hparams
     )
     return _log_and_register(settings, skewed, source.test, source.texts[:3], "skewed")
+
+
+def register_flipping(
+    settings: Settings, source: Source, fraction: float = 0.3
+) -> tuple[str, TextClassifier]:
+    """A version that answers one class for the ~``fraction`` of texts holding a rarer token.
+
+    Returns (version, the classifier) so a test can compute the expected disagreement.
+    """
+    champion = source.classifier
+    highest = max_ids(champion, source.texts)
+    rare = int(np.quantile(highest, 1.0 - fraction)) + 1
+    names, _ = champion.predict(source.texts)
+    target = pd.Series(names).value_counts().index[-1]  # the rarest answer: most texts flip
+    state = {k: v.clone() for k, v in champion.module.state_dict().items()}
+    with torch.no_grad():
+        head = state["head.weight"]
+        direction = head[champion.labels.index(str(target))] - head.mean(dim=0)
+        state["embedding.weight"][rare:] = 1e3 * direction / direction.norm()
+    module = build_model(
+        champion.arch, vocab_size=champion.tokenizer.size, num_classes=champion.num_classes,
+        **champion.hparams,
+    )  # fmt: skip
+    module.load_state_dict(state)
+    flipping = TextClassifier(
+        champion.tokenizer, module, champion.labels, champion.arch, champion.hparams
+    )
+    safe = [t for t, m in zip(source.texts, highest, strict=True) if m < rare][:3]
+    version = _log_and_register(settings, flipping, source.test, safe, "flipping")
+    return version, flipping

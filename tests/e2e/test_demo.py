@@ -48,6 +48,11 @@ def test_demo_runs_the_whole_loop_and_is_rerunnable(tmp_path: Path) -> None:
     assert second["gate"]["passed"]  # same data and seed: the same score passes (>=)
     # A champion existed, so v2 went through the canary (same weights: no drift, no errors).
     assert second["rollout"]["outcome"] == "promoted", second["rollout"]
+    # ...after a shadow phase: pairs judged, all agreeing (the same weights), then the steps.
+    shadow = second["rollout"]["shadow"]
+    assert shadow["status"] == "passed" and shadow["pairs"] >= 60, shadow
+    assert shadow["agreement"] == 1.0
+    assert [row["step"] for row in second["rollout"]["steps"]][:2] == ["shadow", 1]
     assert second["rollout"]["traffic"]["failed"] == 0
     assert second["rollout"]["traffic"]["by_version"].get("2", 0) > 0
     assert second["champion_version"] == "2"

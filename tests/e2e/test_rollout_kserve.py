@@ -35,6 +35,7 @@ pytestmark = pytest.mark.e2e
 
 MODEL = "sentiment-kserve"
 ROLLOUT: dict[str, Any] = {
+    "mode": "canary",  # these tests drive the canary steps (shadow: test_rollout_shadow.py)
     "steps": [25, 50, 100],
     "window_s": 1.5,
     "check_interval_s": 0.3,

@@ -41,6 +41,7 @@ pytestmark = pytest.mark.e2e
 
 MODEL = "sentiment-canary"
 ROLLOUT: dict[str, Any] = {
+    "mode": "canary",  # these tests drive the canary steps (shadow: test_rollout_shadow.py)
     "steps": [25, 50, 100],
     "window_s": 4.0,
     "check_interval_s": 0.5,
@@ -102,7 +103,10 @@ def canary(
         "MLFLOW_TRACKING_URI": settings.tracking.uri,
         "ROOST_REGISTRY__MODEL_NAME": MODEL,
         "ROOST_DATA__MAX_ROWS": "6000",
-        **{f"ROOST_ROLLOUT__{k.upper()}": json.dumps(v) for k, v in ROLLOUT.items()},
+        **{
+            f"ROOST_ROLLOUT__{k.upper()}": v if isinstance(v, str) else json.dumps(v)
+            for k, v in ROLLOUT.items()
+        },
     }
     backend = LocalBackend(rollout_settings, settings.tracking.uri)
     context = Canary(rollout_settings, source, backend, reg, env, state_dir / "logs")

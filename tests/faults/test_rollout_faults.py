@@ -33,6 +33,7 @@ from tests.faults.proxy import FaultProxy, fault_proxy
 pytestmark = pytest.mark.faults
 
 ROLLOUT: dict[str, Any] = {
+    "mode": "canary",  # these tests drive the canary steps (shadow: test_rollout_shadow.py)
     "steps": [25, 50, 100],
     "window_s": 1.0,
     "check_interval_s": 0.25,

@@ -67,3 +67,52 @@ def test_status_json_is_one_document_with_the_step_table(tmp_path: Path) -> None
 
     code, _, err = run("--state-dir", str(tmp_path), "rollout", "status", "sentiment")
     assert code == 0 and "progressing at 10%" in err
+
+
+def test_status_shows_the_shadow_phase_as_the_first_row(tmp_path: Path) -> None:
+    from roost.rollout.analysis import Counts
+    from roost.rollout.shadow import Answer, Logged, Tally, failure, judge
+    from roost.rollout.state import ShadowPlan
+
+    settings = load_settings(None, {"state_dir": tmp_path})
+    backend = LocalBackend(settings, "http://127.0.0.1:1")
+    plan = Plan(steps=(10, 100), mode="shadow", shadow=ShadowPlan(duration_s=1.0, min_pairs=10))
+    state = engine.commit(engine.start(plan, "sentiment", "2", "1", "local", 1.0, "r7"), 2.0)
+    tally = Tally()
+    for i in range(20):  # 5 of 20 answers differ
+        tally.add(
+            Logged(f"e{i}", {"instances": ["x"]}, ("a",), (0.9,)),
+            Answer(f"e{i}", 0.003, ("b" if i < 5 else "a",), (0.9,)),
+        )
+    champion = Counts(ok=20, latency={"0.005": 20, "+Inf": 20})
+    analysis = judge(tally, champion, plan.shadow.thresholds, plan.shadow.min_pairs)
+    state = engine.judge_shadow(state, analysis, tally.to_dict(), {}, 5.0, failure(analysis, tally))
+    state = engine.commit(state, 5.5)
+    backend.create_state(state)
+
+    code, out, err = run("--state-dir", str(tmp_path), "rollout", "status", "sentiment", "--json")
+    assert code == 0, err
+    document = json.loads(out)
+    assert document["phase"] == "rolled_back"
+    assert document["failure"]["metric"] == "agreement,js_distance"
+    assert document["table"][0]["agreement"]["value"] == 0.75
+    assert document["failure"]["disagreeing_ids"] == ["e0", "e1", "e2", "e3", "e4"]
+
+    code, _, err = run("--state-dir", str(tmp_path), "rollout", "status", "sentiment")
+    assert code == 0, err
+    text = " ".join(err.split())
+    assert "mode shadow" in text and "disagreeing ids: e0, e1, e2, e3, e4" in text
+    row = next(line.split() for line in err.splitlines() if line.strip().startswith("shadow "))
+    assert row[1] == "0%" and "0.750" in row and row[-3:] == ["fail", "->", "rolled_back"]
+
+
+def test_a_shadow_without_a_payload_receiver_is_refused(tmp_path: Path) -> None:
+    code, _, err = run(
+        "--state-dir", str(tmp_path), "rollout", "start", "sentiment", "--version", "2",
+    )  # fmt: skip
+    assert code == 2 and "needs the champion's payload log" in err and "--mode canary" in err
+    code, _, err = run(
+        "--state-dir", str(tmp_path), "rollout", "start", "sentiment", "--version", "2",
+        "--mode", "sometimes",
+    )  # fmt: skip
+    assert code == 2 and "--mode: one of shadow, canary, shadow-then-canary" in err

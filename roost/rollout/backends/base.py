@@ -127,6 +127,19 @@ class Backend(ABC):
     def retire(self, state: RolloutState) -> None:
         """After a rollback: the challenger gets nothing and is cleaned up (idempotent)."""
 
+    # -- the shadow phase ------------------------------------------------------------------------
+    def start_shadow(self, state: RolloutState) -> None:
+        """The challenger up and ready at weight 0, so it can answer replayed requests."""
+        self.prepare(state)
+
+    def shadow_endpoint(self, state: RolloutState) -> str:
+        """Base URL of the challenger's REST endpoint for replayed requests (NotReady if none)."""
+        raise NotReady(f"the {self.name} backend cannot reach the challenger directly")
+
+    def logged_model(self) -> str:
+        """The model name the champion's payload events carry (``ce-inferenceservicename``)."""
+        return "unknown"
+
     def describe(self) -> dict[str, str]:
         """Where traffic goes (URLs, object names) for status output."""
         return {}

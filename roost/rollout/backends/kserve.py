@@ -169,6 +169,20 @@ def traffic_ready(obj: dict[str, Any], weight: int) -> Readiness:
     return Readiness(True)
 
 
+def shadow_url(obj: dict[str, Any]) -> str:
+    """The URL of the latest (challenger) revision from the status' traffic block."""
+    from roost.rollout.backends.base import NotReady
+
+    component = ((obj.get("status") or {}).get("components") or {}).get("predictor") or {}
+    for target in component.get("traffic") or []:
+        if target.get("tag") == "latest" and target.get("url"):
+            return str(target["url"])
+    raise NotReady(
+        "no `latest` tag URL in status.components.predictor.traffic: the shadow phase needs "
+        'tag routing (annotation serving.kserve.io/enable-tag-routing: "true")'
+    )
+
+
 def prometheus_query(model: str, selector: str) -> str:
     names = "|".join(SERIES)
     extra = f",{selector}" if selector else ""
@@ -286,6 +300,21 @@ class KServeBackend(Backend):
 
     def ready(self, state: RolloutState) -> Readiness:
         return traffic_ready(self.get(), state.weight)
+
+    def start_shadow(self, state: RolloutState) -> None:
+        """The challenger's revision at ``canaryTrafficPercent: 0`` (KServe creates it, and
+        Knative gives it no traffic) unless the spec already serves it."""
+        if storage_uri_of(self.get()) != self.storage_uri(state.version):
+            self.set_weight(state, 0)
+
+    def shadow_endpoint(self, state: RolloutState) -> str:
+        """The challenger revision's own URL: Knative's ``latest`` tag, which KServe publishes
+        in ``status.components.predictor.traffic`` when tag routing is on
+        (``serving.kserve.io/enable-tag-routing: "true"``)."""
+        return shadow_url(self.get())
+
+    def logged_model(self) -> str:
+        return self.isvc
 
     def promote(self, state: RolloutState) -> None:
         obj = self.get()

@@ -107,19 +107,34 @@ class LocalBackend(Backend):
         log_file = self.dir / "logs" / f"{role}-v{version}.log"
         if self.tracking_uri is None:
             self.tracking_uri = tracking.resolve_uri(self.settings)
+        env = {"ROOST_SERVING__INTRA_OP_THREADS": str(threads)}
+        log_url = self._log_url()
+        if log_url:  # the shadow phase replays what the champion logs
+            env["ROOST_SERVING__LOGGING__URL"] = log_url
         server = local.start(
             self.settings,
             f"models:/{self.model}/{version}",
             log_file,
             name=self.served_name,
             tracking_uri=self.tracking_uri,
-            env={"ROOST_SERVING__INTRA_OP_THREADS": str(threads)},
+            env=env,
         )
         record = ServerRecord(
             version, server.process.pid, server.http_port, server.grpc_port, str(log_file)
         )
         log.info("model server started role=%s version=%s pid=%d", role, version, record.pid)
         return record, server
+
+    def _log_url(self) -> str | None:
+        """Where the servers log their payloads: the configured logger, else (rollouts with a
+        shadow phase) the receiver the shadow reads from."""
+        if self.settings.serving.logging.url:
+            return self.settings.serving.logging.url
+        if self.cfg.mode == "canary":
+            return None
+        from roost.rollout.replay import receiver_url
+
+        return receiver_url(self.settings)
 
     def preflight(self) -> None:
         find_nginx(self.cfg.nginx)
@@ -283,6 +298,16 @@ class LocalBackend(Backend):
         else:
             self._save_topology(topology)
         proc.stop_pid(chall.pid)
+
+    def shadow_endpoint(self, state: RolloutState) -> str:
+        topology = self.topology()
+        chall = None if topology is None else topology.challenger
+        if chall is None or chall.version != state.version:
+            raise NotReady(f"no server for challenger v{state.version}")
+        return chall.http_url
+
+    def logged_model(self) -> str:
+        return self.settings.serving.logging.inference_service or self.served_name
 
     # -- outside the interface ----------------------------------------------------------------
     def endpoint(self) -> str | None:
