@@ -581,6 +581,39 @@ def test_rollout_controller(docs) -> None:
     assert mount["mountPath"] == "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
+def test_rollout_controller_shadows_through_the_charts_receiver(docs) -> None:
+    """kind/EKS run the receiver with KServe's logger on: the controller shadows first."""
+    for name in ("ci-kind", "eks"):
+        (deployment,) = find(docs[name], "Deployment", "roost-rollout")
+        template = deployment["spec"]["template"]
+        env = env_of(template["spec"]["containers"][0])
+        assert env["ROOST_ROLLOUT__MODE"] == "shadow-then-canary", name
+        receiver = env["ROOST_ROLLOUT__SHADOW__RECEIVER_URL"]
+        assert receiver == "http://roost-monitor.roost.svc.cluster.local:8090", name
+        # the receiver's NetworkPolicy admits pods with this label
+        assert template["metadata"]["labels"]["roost.io/monitor-access"] == "true", name
+    canary = render({"rollout": {"controller": {"enabled": True}}})
+    (deployment,) = find(documents(canary), "Deployment", "roost-rollout")
+    template = deployment["spec"]["template"]
+    env = env_of(template["spec"]["containers"][0])
+    assert env["ROOST_ROLLOUT__MODE"] == "canary"  # no receiver, nothing to replay
+    assert "ROOST_ROLLOUT__SHADOW__RECEIVER_URL" not in env
+    assert "roost.io/monitor-access" not in template["metadata"]["labels"]
+
+
+def test_a_shadow_mode_without_the_receiver_fails_the_render() -> None:
+    import helm_python
+
+    chart = helm_python.Chart.load(str(CHART))
+    with pytest.raises(helm_python.HelmError, match=r"needs monitor\.enabled"):
+        chart.render(
+            {"rollout": {"controller": {"enabled": True, "mode": "shadow"}}},
+            name="roost",
+            namespace="roost",
+        )
+    assert "mode" in schema_error({"rollout": {"controller": {"mode": "mirror"}}})
+
+
 def test_helm_test_calls_the_v2_ready_endpoint(docs) -> None:
     (pod,) = find(docs["kind"], "Pod")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"

@@ -570,3 +570,23 @@ Service when the chart runs it; empty: no spec.predictor.logger.
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/*
+The rollout controller's mode: rollout.controller.mode, else shadow-then-canary when KServe's
+logger sends the champion's traffic to the chart's own receiver (which the shadow replays),
+else canary. A shadow mode without that receiver fails the render.
+*/}}
+{{- define "roost.rolloutMode" -}}
+{{- $m := .Values.monitor }}
+{{- $receiver := and $m.enabled $m.logger.enabled (not $m.logger.url) }}
+{{- $mode := .Values.rollout.controller.mode | default (ternary "shadow-then-canary" "canary" $receiver) }}
+{{- if and (hasPrefix "shadow" $mode) (not $receiver) }}
+{{- fail (printf "rollout.controller.mode=%s replays the champion's payload log: it needs monitor.enabled and monitor.logger.enabled with monitor.logger.url empty (the chart's receiver)" $mode) }}
+{{- end }}
+{{- $mode }}
+{{- end }}
+
+{{/* The chart's payload receiver Service URL. */}}
+{{- define "roost.monitorServiceUrl" -}}
+{{- printf "http://%s.%s.svc.%s:%v" (include "roost.componentName" (list . "monitor")) .Release.Namespace .Values.clusterDomain .Values.monitor.service.port }}
+{{- end }}
