@@ -332,7 +332,8 @@ def test_nginx_killed_or_failing_to_reload_holds_and_heals(local_canary: LocalCa
     canary.assert_held_at_50(canary.state(), "injected fault")
     status = canary.cli("status")
     assert status.code == 0, status.stderr
-    assert "config test failed" in " ".join(status.stdout.split()), status.stdout
+    shown = " ".join((status.stdout + status.stderr).split())  # the status goes to stderr
+    assert "holding: waiting for the canary: nginx config test failed" in shown, shown
     canary.nginx_flag.unlink()
 
     # Its config directory cannot be written: the same.
