@@ -68,15 +68,25 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 
 def exists(uri: str) -> bool:
+    """Whether the object is there; only S3's own "not found" answer means no.
+
+    A 5xx, a refusal (403) or a dropped connection raises :class:`Unavailable`: read as
+    "absent", it would make a caller redo (and overwrite) work that is done.
+    """
     if not is_s3(uri):
         return Path(uri.removeprefix("file://")).is_file()
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, key = split_s3(uri)
     try:
         s3_client().head_object(Bucket=bucket, Key=key)
-    except ClientError:
-        return False
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}:
+            return False
+        raise Unavailable(f"cannot check {uri}: {code or exc}") from None
+    except BotoCoreError as exc:
+        raise Unavailable(f"cannot check {uri}: {exc}") from None
     return True
 
 

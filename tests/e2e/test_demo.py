@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,25 @@ def demo(state: Path) -> dict:  # type: ignore[type-arg]
     return json.loads(result.stdout)  # type: ignore[no-any-return]
 
 
-def test_demo_runs_the_whole_loop_and_is_rerunnable(tmp_path: Path) -> None:
+@pytest.fixture
+def state(tmp_path: Path) -> Iterator[Path]:
+    """The demo's store; whatever a failed or timed-out demo left running is stopped after.
+
+    The servers run in sessions of their own, so killing the timed-out ``roost demo`` leaves
+    MLflow, nginx and the model servers serving (and loading the machine for the tests after).
+    """
     state = tmp_path / "state"
+    try:
+        yield state
+    finally:
+        for command in (["rollout", "down"], ["mlflow", "down"]):
+            subprocess.run(
+                [sys.executable, "-m", "roost", "--state-dir", str(state), *command],
+                capture_output=True, timeout=120, check=False,
+            )  # fmt: skip
+
+
+def test_demo_runs_the_whole_loop_and_is_rerunnable(state: Path) -> None:
     first = demo(state)
 
     assert first["version"] == "1" and first["alias"] == "champion" and first["gate"]["passed"]

@@ -285,13 +285,31 @@ def _assert_rolled_back(canary: Canary, state: RolloutState, metric: str, champi
     assert metric in tags["roost.rollout.failed_metric"]
     failed = json.loads(tags["roost.rollout.failed_values"])
     assert failed[0]["name"] == metric and failed[0]["value"] > failed[0]["threshold"]
-    # Rolled back at the first step, in its first analysis window: no window ever passed.
-    # (How many seconds that took is recorded in the timings, not asserted: on a loaded
-    # machine the controller's scrape and nginx reload stretch it past window_s.)
+    # Rolled back at the first step by its failing checks, inside the first analysis window:
+    # no window verdict came before the weight went to 0. (How many seconds that took depends
+    # on the machine and the traffic it manages to send; it is reported in the timings, not
+    # asserted: at load 15 on 2 cores it was 5-7 s against a 4 s window.)
     assert [e["weight"] for e in canary.backend.applied(state.id)] == [25, 0]
-    serving_at, zero_at = _event_time(state, "serving"), _event_time(state, "weight", weight=0)
-    assert serving_at is not None and zero_at is not None and serving_at <= zero_at
-    assert not [e for e in state.history if e["event"] == "window"], state.history
+    assert rolled_back_in_first_window(state), [
+        (e["event"], e.get("weight"), e.get("verdict")) for e in state.history
+    ]
+
+
+def rolled_back_in_first_window(state: RolloutState) -> bool:
+    """Weight 0 came after ``max_failed_checks`` failed checks at step 0 and no window verdict."""
+    events = state.history
+    zero = next(
+        (i for i, e in enumerate(events) if e["event"] == "weight" and e.get("weight") == 0), None
+    )
+    if zero is None or _event_time(state, "serving") is None:
+        return False
+    before = events[:zero]
+    failed = [e for e in before if e["event"] == "check" and e.get("verdict") == "fail"]
+    return (
+        not any(e["event"] == "window" for e in before)
+        and len(failed) >= state.plan.max_failed_checks
+        and all(e.get("step", 0) == 0 for e in failed)
+    )
 
 
 def test_erroring_version_is_rolled_back_in_its_first_window(

@@ -35,6 +35,21 @@ class FakeModel:
         return np.array([[len(t), len(texts)] for t in texts], dtype=np.float32)
 
 
+class GatedModel(FakeModel):
+    """A FakeModel whose first forward pass waits for ``gate`` (at most 30 s)."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        super().__init__(delay_s)
+        self.gate = threading.Event()
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        first = not self.calls
+        result = super().__call__(texts)
+        if first:
+            self.gate.wait(30)
+        return result
+
+
 def run(coro: object) -> object:
     return asyncio.run(coro)  # type: ignore[arg-type]
 
@@ -167,16 +182,21 @@ def test_failing_batch_metrics_do_not_fail_the_answer() -> None:
 
 def test_a_big_request_shares_the_worker_with_small_ones() -> None:
     """Issue 17 #10: a small request waits for one slice of a big one, not all of it."""
-    model = FakeModel(delay_s=0.005)
+    model = GatedModel(delay_s=0.005)
     batcher = MicroBatcher(model, max_batch_size=4, max_wait_s=0.0)
     order: list[str] = []
 
     async def main() -> list[np.ndarray]:
         big = batcher.enqueue([f"big{i}" for i in range(40)])
         big.add_done_callback(lambda _: order.append("big"))
-        await asyncio.sleep(0)  # the first slice of the big one is in the worker
+        # The small request arrives while the first slice of the big one is in the model
+        # (held there until then: how far the worker gets on its own depends on scheduling).
+        deadline = time.monotonic() + 30
+        while not model.calls and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
         small = batcher.enqueue(["small"])
         small.add_done_callback(lambda _: order.append("small"))
+        model.gate.set()
         return list(await asyncio.gather(big, small))
 
     results = run(main())

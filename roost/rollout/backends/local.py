@@ -24,7 +24,7 @@ import httpx
 
 from roost import proc, tracking
 from roost.config import Settings
-from roost.errors import NotFound
+from roost.errors import NotFound, Timeout
 from roost.rollout.analysis import Snapshot, parse_exposition
 from roost.rollout.backends.base import (
     Backend,
@@ -38,6 +38,7 @@ from roost.rollout.backends.nginx import (
     CHAMPION,
     STATUS_PATH,
     Proxy,
+    ProxyError,
     ServerRecord,
     Topology,
     find_nginx,
@@ -193,6 +194,25 @@ class LocalBackend(Backend):
             return None
         return live
 
+    def _restart_proxy(self) -> str:
+        """nginx is down (killed, crashed): start it again on its last checked config.
+
+        The config on disk is the last one that passed ``nginx -t`` and was applied, so
+        nginx comes back with the weight it served; the readiness check of the next tick
+        compares that weight with the rollout's before any analysis.
+        """
+        if self.proxy.pid() is not None or not self.proxy.conf.exists():
+            return "nginx is not answering"
+        try:
+            orphans = self.proxy.stop_orphans()
+            if orphans:
+                log.warning("stopped nginx workers left by a dead master: %s", orphans)
+            self.proxy.start()
+        except (ProxyError, Timeout) as exc:
+            return f"nginx is not running and does not start: {exc}"
+        log.warning("nginx was not running; started it again on %s", self.proxy.conf)
+        return "nginx was not running; started it again on its last config"
+
     def current_weight(self, state: RolloutState) -> int | None:
         live = self.live()
         if live is None:
@@ -245,7 +265,7 @@ class LocalBackend(Backend):
                 return Readiness(False, f"{role} server v{record.version} is not ready")
         live = self.live()
         if live is None:
-            return Readiness(False, "nginx is not running")
+            return Readiness(False, self._restart_proxy())
         weight = int(live["weight"]) if live.get("challenger") == state.version else 0
         if weight != state.weight:
             return Readiness(False, f"nginx serves {weight}%, expected {state.weight}%")

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from roost import proc
-from roost.errors import MissingTool, RoostError
+from roost.errors import MissingTool, RoostError, Unavailable
 from roost.rollout.store import atomic_write
 from roost.rollout.variant import VARIANT_HEADER, Variant
 
@@ -39,8 +39,12 @@ VARIANTS = (CHAMPION, CHALLENGER)
 GRPC_INVALID_ARGUMENT, GRPC_FAILED_PRECONDITION = 3, 9
 
 
-class ProxyError(RoostError):
-    """nginx refused its configuration or did not come up."""
+class ProxyError(Unavailable):
+    """nginx refused its configuration, did not come up, or its files cannot be written.
+
+    Retriable (exit 4): the live config is replaced only once a new one passed ``nginx -t``,
+    so nginx keeps serving the last applied weight and a rollout holds it.
+    """
 
 
 @dataclass
@@ -285,21 +289,62 @@ class Proxy:
             return None
         return pid if proc.pid_alive(pid) else None
 
+    def stop_orphans(self) -> list[int]:
+        """SIGKILL the workers a killed master left behind (they keep its ports); their pids.
+
+        A worker stays in its master's process group, whose id is the pid the pid file still
+        names; only processes named ``nginx`` in that group are touched.
+        """
+        try:
+            group = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return []
+        if proc.pid_alive(group):
+            return []  # the master lives: nothing is orphaned
+        killed = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            comm = stat[stat.find("(") + 1 : stat.rfind(")")]
+            fields = stat[stat.rfind(")") + 2 :].split()
+            if comm == "nginx" and int(fields[2]) == group and fields[0] != "Z":
+                try:
+                    os.kill(int(entry.name), signal.SIGKILL)
+                except ProcessLookupError:
+                    continue
+                killed.append(int(entry.name))
+        for pid in killed:
+            proc.wait_until(lambda pid=pid: not proc.pid_alive(pid), 10, 0.05, what="nginx to die")  # type: ignore[misc]
+        return killed
+
     def _run(self, argv: list[str], what: str) -> None:
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        try:
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ProxyError(f"nginx {what} failed: {exc}") from None
         if result.returncode != 0:
             detail = (result.stderr or result.stdout).strip().splitlines()
             raise ProxyError(f"nginx {what} failed: {detail[-1] if detail else result.returncode}")
 
     def write(self, text: str) -> None:
         """Check ``text`` with ``nginx -t`` first; the live config is replaced only if valid."""
-        for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-            (self.prefix / "tmp" / sub).mkdir(parents=True, exist_ok=True)
         candidate = self.prefix / "nginx.conf.next"
-        candidate.write_text(text)
+        try:
+            for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+                (self.prefix / "tmp" / sub).mkdir(parents=True, exist_ok=True)
+            candidate.write_text(text)
+        except OSError as exc:  # a full or read-only disk: the live config stays as it is
+            raise ProxyError(f"cannot write the nginx config in {self.prefix}: {exc}") from None
         self._run(self._argv(candidate, "-t", "-q"), "config test")
-        atomic_write(self.conf, text)
-        candidate.unlink(missing_ok=True)
+        try:
+            atomic_write(self.conf, text)
+            candidate.unlink(missing_ok=True)
+        except OSError as exc:
+            raise ProxyError(f"cannot write the nginx config in {self.prefix}: {exc}") from None
 
     def start(self) -> None:
         self._run(self._argv(self.conf), "start")
@@ -309,7 +354,10 @@ class Proxy:
         if pid is None:
             self.start()
             return
-        os.kill(pid, signal.SIGHUP)
+        try:
+            os.kill(pid, signal.SIGHUP)
+        except ProcessLookupError:  # died since pid() looked: start it on the config
+            self.start()
 
     def stop(self) -> None:
         pid = self.pid()
