@@ -169,6 +169,43 @@ def export_torchserve(
     )
 
 
+@app.command("install-peers")
+def install_peers(
+    ctx: typer.Context,
+    names: Annotated[
+        list[str] | None,
+        typer.Argument(help="Peers to install (default: bench.peers).", show_default=False),
+    ] = None,
+    venvs: Annotated[
+        Path | None,
+        typer.Option(
+            "--dir", help="Where the venvs go (default: bench.peers_venvs).", show_default=False
+        ),
+    ] = None,
+) -> None:
+    """Build the peers' own virtual environments (reused by `roost bench`; `make peers`)."""
+    from roost.bench import peers
+    from roost.errors import RoostError
+
+    settings = state(ctx).settings()
+    chosen = names or list(settings.bench.peers)
+    unknown = sorted(set(chosen) - set(peers.PEERS))
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown peer(s) {', '.join(unknown)}; known: {', '.join(peers.PEERS)}",
+            param_hint="NAMES",
+        )
+    root = venvs or settings.bench.peers_venvs
+    for name in chosen:
+        try:
+            python = peers.environment(
+                peers.PEERS[name], root, settings.bench.peer_install_timeout_s, _progress
+            )
+        except peers.PeerUnavailable as exc:
+            raise RoostError(str(exc)) from None
+        console.print(f"{name}: {python}")
+
+
 @app.command("profile")
 def profile(
     ctx: typer.Context,

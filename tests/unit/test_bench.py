@@ -57,7 +57,23 @@ def test_ladder_survives_a_stray_failure() -> None:
 def test_ladder_bounds() -> None:
     assert climb(ladder.Ladder(100, 2.0, 300, 20, 2), capacity=1e9) == [100, 200, 300]
     assert len(climb(ladder.Ladder(100, 2.0, 1e9, 3, 2), capacity=1e9)) == 3
-    assert climb(ladder.Ladder(100, 2.0, 1e9, 10, 2, retry_failures=False), 50) == [100]
+    # Nothing passes above the floor: it steps down to min_rate and stops.
+    lad = ladder.Ladder(100, 2.0, 1e9, 10, 2, retry_failures=False, min_rate=10)
+    assert climb(lad, 5) == [100, 25] and lad.best is None
+
+
+def test_ladder_steps_down_when_the_first_rate_fails() -> None:
+    lad = ladder.Ladder(1000, 2.0, 1e9, 20, 1, retry_failures=False)
+    tried = climb(lad, capacity=100)
+    assert tried[:3] == [1000, 250, 62]  # down by growth**2 until a rate passes
+    assert tried[3] == 124  # then up again, and a bisection
+    assert lad.best is not None and 62 <= lad.best <= 100
+
+
+def test_ladder_start_follows_the_raw_forward() -> None:
+    assert ladder.start_rate(500, 73459, 1) == 500  # a fast machine: the configured start
+    assert ladder.start_rate(500, 19888, 32) == 62  # the slow machine's x32 ladder
+    assert ladder.start_rate(500, 0, 1) == 500  # not measured: the configured start
 
 
 def test_summarize_and_pass_rule() -> None:
