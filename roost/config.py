@@ -454,7 +454,7 @@ class BenchSettings(_Section):
         5, ge=0, description="TorchServe maxBatchDelay (it waits this long to fill a batch)."
     )
     time_budget_s: float = Field(
-        1200.0, gt=0, description="Ladders stop early once the run has taken this long."
+        1800.0, gt=0, description="Ladders stop early once the run has taken this long."
     )
     peers: list[Literal["kserve", "mlserver", "bentoml", "pytriton"]] = Field(
         ["kserve", "mlserver", "bentoml", "pytriton"],

@@ -5,7 +5,7 @@ pass (p99 within the objective, no errors). A failing step is run once more befo
 counts (the machine is shared, a stray burst should not end a ladder); when it fails
 twice, ``refine`` bisections (geometric) between the last passing and the failing rate
 narrow the maximum down. ``max_steps`` and ``max_rate`` bound it. When the very first
-rate fails (twice), the ladder steps down by ``growth`` squared until a rate passes or it
+rate fails (twice), the ladder halves it until a rate passes or it
 reaches ``min_rate``, so a server slower than the first step still gets a number.
 
 :func:`start_rate` picks the first rate from what the raw forward pass does on this machine,
@@ -124,7 +124,7 @@ class Ladder:
                 return None
             return min(float(round(self.best * self.growth)), self.max_rate)
         if self.best is None:  # nothing passed yet: step down
-            lower = float(round(self.worst / self.growth**2))
+            lower = float(round(self.worst / 2))
             return lower if lower >= self.min_rate else None
         if self.refine_left <= 0:
             return None

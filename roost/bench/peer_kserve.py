@@ -24,13 +24,7 @@ def main() -> None:
     settings = Settings()
     model = SentimentModel(args.model_name, args.model_dir, settings)
     model.load()
-    # Its per-request latency log line off, as roost and the other servers run (warnings only).
-    ModelServer(
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        enable_docs_url=False,
-        enable_latency_logging=False,
-    ).start([model])
+    ModelServer(http_port=args.http_port, grpc_port=args.grpc_port).start([model])
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -68,6 +69,7 @@ PEERS: dict[str, Peer] = {
     "kserve": Peer(
         "kserve", (), ("rest-v2", "grpc-v2"),
         {"server": "kserve.ModelServer (KServe's custom-model entry point)", "workers": 1,
+         "logging": "KServe's log config at WARNING (as roost: no access/trace lines)",
          "model_class": "roost SentimentModel (its micro-batcher on)", "fast_path": False,
          "why": "KServe's defaults: one worker process (its docs: more workers only for "
                 "CPU-bound pre/post-processing); the model batches as in roost"},
@@ -206,7 +208,7 @@ class Peers:
             try:
                 results += self._one(peer, staged, name, texts, expected)
             except (PeerUnavailable, Timeout, OSError) as exc:
-                reason = str(exc) or type(exc).__name__
+                reason = " ".join(str(exc).split()) or type(exc).__name__
                 self.progress(f"{peer.name}: not measured: {reason}")
                 results += [
                     ServerResult(peer.name, protocol, 1, 0.0, [], dict(peer.config),
@@ -235,7 +237,7 @@ class Peers:
                     server.process.alive, lambda: server.process.log_tail(8),
                 )  # fmt: skip
             except Timeout as exc:
-                raise PeerUnavailable(f"did not start: {exc}"[:600]) from None
+                raise PeerUnavailable(_start_failure(str(exc), server.process.log_file)) from None
             self.progress(f"{peer.name} ready: cold start {cold:.2f}s")
             config = {**peer.config, "started_as": self._argv_text(peer)}
             targets = [
@@ -276,7 +278,8 @@ class Peers:
         if peer.name == "kserve":
             argv = [str(python), "-m", "roost.bench.peer_kserve", "--model_name", name,
                     "--model_dir", str(staged), "--http_port", str(http),
-                    "--grpc_port", str(grpc)]  # fmt: skip
+                    "--grpc_port", str(grpc), "--enable_latency_logging", "false",
+                    "--log_config_file", str(self._kserve_log_config())]  # fmt: skip
             env = {"PYTHONUNBUFFERED": "1"}
             process = proc.start_background(argv, log_file, env=env)
             return Started(process, v2_ready, http, grpc)
@@ -312,7 +315,6 @@ class Peers:
         if peer.name == "pytriton":
             env |= {"ROOST_PEER_MAX_BATCH": str(peer.config["max_batch_size"]),
                     "ROOST_PEER_QUEUE_DELAY_US": str(peer.config["max_queue_delay_us"]),
-                    "PYTRITON_HOME": str(self.work / "peers" / "pytriton-home"),
                     # Triton's Python stub links "libpython3.X.so"; the one of the
                     # interpreter that runs the model (not the distribution's, which may be
                     # another patch release with another stdlib).
@@ -322,6 +324,24 @@ class Peers:
             process = proc.start_background(argv, log_file, env=env, cwd=staged)
             return Started(process, v2_ready, http, grpc)
         raise PeerUnavailable(f"unknown peer {peer.name!r}")
+
+    def _kserve_log_config(self) -> Path:
+        """KServe's own logging config at WARNING: no access, trace or per-call gRPC lines.
+
+        roost and the other servers log warnings only; KServe logs every request three times
+        at INFO by default (uvicorn access, kserve.trace, its gRPC interceptor).
+        """
+        import copy
+
+        from kserve.logging import KSERVE_LOG_CONFIG
+
+        config = copy.deepcopy(KSERVE_LOG_CONFIG)
+        for logger in config["loggers"].values():
+            logger["level"] = "WARNING"
+        path = self.work / "peers" / "kserve-logging.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(config, indent=2))
+        return path
 
     def _sender(
         self,
@@ -351,6 +371,18 @@ class Peers:
         return lambda: loadgen.HttpSender(
             "127.0.0.1", server.http_port, "/classify", bento, bento_check, conns
         )
+
+
+def _start_failure(error: str, log_file: Path) -> str:
+    """Why a peer did not start: its log's last error line (a traceback's tail says little)."""
+    first = error.split(":", 1)[0]  # "server exited during start-up" / "... not ready after"
+    try:
+        lines = log_file.read_text(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    errors = [ln for ln in lines if re.search(r"\w*(Error|Exception)\b|error:", ln)]
+    detail = " ".join((errors[-1] if errors else error).split())
+    return f"did not start ({first}; log {log_file}): {detail[-300:]}"
 
 
 def _libpython_dir() -> str:

@@ -59,15 +59,15 @@ def test_ladder_bounds() -> None:
     assert len(climb(ladder.Ladder(100, 2.0, 1e9, 3, 2), capacity=1e9)) == 3
     # Nothing passes above the floor: it steps down to min_rate and stops.
     lad = ladder.Ladder(100, 2.0, 1e9, 10, 2, retry_failures=False, min_rate=10)
-    assert climb(lad, 5) == [100, 25] and lad.best is None
+    assert climb(lad, 5) == [100, 50, 25, 12] and lad.best is None
 
 
 def test_ladder_steps_down_when_the_first_rate_fails() -> None:
     lad = ladder.Ladder(1000, 2.0, 1e9, 20, 1, retry_failures=False)
     tried = climb(lad, capacity=100)
-    assert tried[:3] == [1000, 250, 62]  # down by growth**2 until a rate passes
-    assert tried[3] == 124  # then up again, and a bisection
-    assert lad.best is not None and 62 <= lad.best <= 100
+    assert tried[:5] == [1000, 500, 250, 125, 62]  # halved until a rate passes
+    assert tried[5] == 88  # then a bisection between the passing and the failing rate
+    assert lad.best == 88
 
 
 def test_ladder_start_follows_the_raw_forward() -> None:
