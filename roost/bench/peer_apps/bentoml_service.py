@@ -2,8 +2,9 @@
 
 ``POST /classify`` with ``{"texts": [...]}`` answers ``[[p0, p1, ...], ...]`` (one row of
 class probabilities per text, in the classifier's label order). ``batchable=True`` lets
-BentoML merge concurrent calls along the first axis (up to ``max_batch_size`` texts, and
-within ``max_latency_ms``), which is its documented way to raise throughput.
+BentoML merge concurrent calls along the first axis (up to ``max_batch_size`` texts; calls
+that cannot finish within ``max_latency_ms`` are refused with 503), its documented way to
+raise throughput.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import bentoml
 import roost_peer
 
 MAX_BATCH = int(os.environ.get("ROOST_PEER_MAX_BATCH", "64"))
-MAX_LATENCY_MS = int(os.environ.get("ROOST_PEER_MAX_LATENCY_MS", "50"))
+MAX_LATENCY_MS = int(os.environ.get("ROOST_PEER_MAX_LATENCY_MS", "60000"))
 WORKERS = int(os.environ.get("ROOST_PEER_WORKERS", "1"))
 
 
