@@ -28,6 +28,7 @@ import json
 import logging
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -37,6 +38,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 
 from roost import proc
@@ -366,7 +368,7 @@ class Peers:
         if protocol == "grpc-v2":
             requests = grpc_requests(texts, name, batch_dim)
             target = f"127.0.0.1:{server.grpc_port}"
-            grpc_check = workload.check_grpc(expected)
+            grpc_check = check_grpc_any(expected)
             return lambda: loadgen.GrpcSender(target, requests, grpc_check)
         bento = bentoml_bodies(texts)
         bento_check = check_bentoml(expected)
@@ -415,6 +417,32 @@ def grpc_requests(texts: list[str], name: str, batch_dim: bool) -> list[Any]:
         for request in requests:
             request.inputs[0].shape[:] = [1, 1]
     return requests
+
+
+def check_grpc_any(expected: workload.Expected) -> Any:
+    """roost's gRPC check, or the same on ``raw_output_contents`` (what Triton answers with).
+
+    Raw BYTES are 4-byte little-endian lengths, each followed by its bytes; raw FP32 is
+    little-endian float32.
+    """
+    typed = workload.check_grpc(expected)
+
+    def check(response: Any, index: int) -> str | None:
+        if not response.raw_output_contents:
+            problem: str | None = typed(response, index)
+            return problem
+        raw = dict(zip((o.name for o in response.outputs), response.raw_output_contents,
+                       strict=False))  # fmt: skip
+        try:
+            labels = raw["label"]
+            (size,) = struct.unpack_from("<I", labels, 0)
+            label = labels[4 : 4 + size].decode()
+            probs = np.frombuffer(raw["probabilities"], dtype="<f4").tolist()
+        except (KeyError, struct.error, ValueError) as exc:
+            return f"unreadable answer ({exc!r})"
+        return expected.check(index, label, probs)
+
+    return check
 
 
 def bentoml_bodies(texts: list[str]) -> list[bytes]:

@@ -334,3 +334,28 @@ def test_peer_apps_do_not_import_roost() -> None:
         torchserve.check_self_contained(app)  # raises if one does
     assert {"mlserver_runtime.py", "bentoml_service.py", "pytriton_server.py",
             "roost_peer.py"} <= {p.name for p in peers.APPS.glob("*.py")}  # fmt: skip
+
+
+def test_grpc_check_reads_tritons_raw_output_contents() -> None:
+    import struct
+
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+
+    from roost.bench import peers
+
+    expected = workload.Expected(["neg", "pos"], np.array([[0.2, 0.8]], dtype=np.float32))
+    check = peers.check_grpc_any(expected)
+
+    def answer(label: bytes, probs: list[float]) -> Any:
+        response = pb.ModelInferResponse(
+            outputs=[pb.ModelInferResponse.InferOutputTensor(name="label", datatype="BYTES"),
+                     pb.ModelInferResponse.InferOutputTensor(name="probabilities",
+                                                             datatype="FP32")],
+        )  # fmt: skip
+        response.raw_output_contents.extend(
+            [struct.pack("<I", len(label)) + label, np.array(probs, "<f4").tobytes()]
+        )
+        return response
+
+    assert check(answer(b"pos", [0.2, 0.8]), 0) is None
+    assert "label 'neg'" in (check(answer(b"neg", [0.8, 0.2]), 0) or "")
