@@ -1,4 +1,4 @@
-"""``roost bench``: roost vs TorchServe vs the raw model, measured in one run."""
+"""``roost bench``: roost vs TorchServe, the peers and the raw model, measured in one run."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from roost.config import Settings
 
 app = typer.Typer(
-    help="Benchmark serving (roost vs TorchServe vs the raw model) and export for TorchServe.",
+    help="Benchmark serving (roost vs TorchServe, KServe, MLServer, BentoML, PyTriton and the "
+    "raw model) and export for TorchServe.",
 )
 
 VersionOpt = Annotated[
@@ -55,7 +56,7 @@ def bench(
     alias: AliasOpt = None,
     json_output: JsonFlag = False,
 ) -> None:
-    """Load roost's predictor and TorchServe on loopback with the same model version."""
+    """Load roost's predictor, TorchServe and the peers on loopback with the same model version."""
     if ctx.invoked_subcommand is not None:
         return
     from roost.bench import report, run
