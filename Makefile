@@ -12,6 +12,10 @@ TORCH_VERSION ?= 2.13.0
 #   make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX   ?=
 CHECKOV_VERSION ?= 3.3.30
+# roost bench's peers with pins of their own (roost/bench/peers.py): make test's quick bench
+# runs these (and plain KServe, which needs no venv); `roost bench` installs the rest itself.
+PEERS_VENV    ?= .venv-peers
+TEST_PEERS    ?= mlserver pytriton
 PYTEST_ARGS   ?=
 DEMO_ARGS     ?=
 BENCH_ARGS    ?=
@@ -42,7 +46,7 @@ monitor-demo: venv ## The monitoring loop locally: logging server -> receiver ->
 	$(ROOST) demo --monitor $(DEMO_ARGS)
 
 .PHONY: test
-test: venv checkov apt-deps ## Install everything, then run unit, integration and e2e tests.
+test: venv checkov apt-deps peers ## Install everything, then run unit, integration and e2e tests.
 	@echo ">> pytest (unit, integration, e2e, cluster, faults; kind and gpu tests skip themselves without Docker/CUDA)"
 	$(VENV_PY) -m pytest -m "unit or integration or e2e or cluster or faults or kind or gpu" $(PYTEST_ARGS)
 
@@ -54,7 +58,7 @@ clean: ## Stop local servers and remove .roost/ (MLflow store, runs, logs).
 
 .PHONY: distclean
 distclean: clean ## Also remove the virtual environments and caches.
-	rm -rf $(VENV) $(CHECKOV_VENV) .pytest_cache .mypy_cache .ruff_cache bench-out
+	rm -rf $(VENV) $(CHECKOV_VENV) $(PEERS_VENV) .pytest_cache .mypy_cache .ruff_cache bench-out
 
 ##@ Development
 
@@ -82,6 +86,10 @@ $(CHECKOV):
 	@echo ">> installing checkov $(CHECKOV_VERSION) into $(CHECKOV_VENV)"
 	$(PYTHON) -m venv $(CHECKOV_VENV)
 	$(CHECKOV_VENV)/bin/pip install -q "checkov==$(CHECKOV_VERSION)"
+
+.PHONY: peers
+peers: venv ## Build the bench peers' own venvs in .venv-peers (what make test's quick bench runs).
+	$(ROOST) bench install-peers --dir $(PEERS_VENV) $(TEST_PEERS)
 
 .PHONY: apt-deps
 apt-deps: ## Install Debian packages the tests use (nginx: canary proxy; PostgreSQL: cluster runner; chromium: MLflow UI check; prometheus: monitor rules).
@@ -294,7 +302,7 @@ test-unit: venv ## Unit tests only (fast, no servers).
 	$(VENV_PY) -m pytest -m unit $(PYTEST_ARGS)
 
 .PHONY: test-integration
-test-integration: venv checkov apt-deps ## Integration tests (real MLflow and model servers on loopback).
+test-integration: venv checkov apt-deps peers ## Integration tests (real MLflow and model servers on loopback).
 	$(VENV_PY) -m pytest -m integration $(PYTEST_ARGS)
 
 .PHONY: test-e2e

@@ -510,7 +510,23 @@ class BenchSettings(_Section):
         5, ge=0, description="TorchServe maxBatchDelay (it waits this long to fill a batch)."
     )
     time_budget_s: float = Field(
-        1200.0, gt=0, description="Ladders stop early once the run has taken this long."
+        1800.0, gt=0, description="Ladders stop early once the run has taken this long."
+    )
+    peers: list[Literal["kserve", "mlserver", "bentoml", "pytriton"]] = Field(
+        ["kserve", "mlserver", "bentoml", "pytriton"],
+        description="Other servers in the same run (roost.bench.peers); each but kserve in "
+        "its own virtual environment under peers_venvs.",
+    )
+    peers_venvs: Path = Field(
+        Path(".venv-peers"),
+        description="Where the peers' virtual environments are built and reused "
+        "(`make peers` builds them ahead).",
+    )
+    peer_install_timeout_s: float = Field(
+        900.0, gt=0, description="A peer whose pip install takes longer is reported, not run."
+    )
+    peer_start_timeout_s: float = Field(
+        180.0, gt=0, description="A peer not ready this long after its start is reported."
     )
 
 

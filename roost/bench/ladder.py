@@ -4,7 +4,12 @@ A ladder starts at ``start`` requests/s and multiplies the rate by ``growth`` wh
 pass (p99 within the objective, no errors). A failing step is run once more before it
 counts (the machine is shared, a stray burst should not end a ladder); when it fails
 twice, ``refine`` bisections (geometric) between the last passing and the failing rate
-narrow the maximum down. ``max_steps`` and ``max_rate`` bound it.
+narrow the maximum down. ``max_steps`` and ``max_rate`` bound it. When the very first
+rate fails (twice), the ladder halves it until a rate passes or it
+reaches ``min_rate``, so a server slower than the first step still gets a number.
+
+:func:`start_rate` picks the first rate from what the raw forward pass does on this machine,
+so a slow machine (or many texts a request) does not begin above the model's own limit.
 """
 
 from __future__ import annotations
@@ -79,8 +84,10 @@ class Ladder:
         max_steps: int,
         refine: int,
         retry_failures: bool = True,
+        min_rate: float = 5.0,
     ) -> None:
         self.growth = growth
+        self.min_rate = min_rate
         self.max_rate = max_rate
         self.max_steps = max_steps
         self.refine_left = refine
@@ -116,12 +123,28 @@ class Ladder:
             if self.best >= self.max_rate:
                 return None
             return min(float(round(self.best * self.growth)), self.max_rate)
-        if self.best is None or self.refine_left <= 0:
+        if self.best is None:  # nothing passed yet: step down
+            lower = float(round(self.worst / 2))
+            return lower if lower >= self.min_rate else None
+        if self.refine_left <= 0:
             return None
         if self.worst / self.best < 1.05:  # within 5%: close enough
             return None
         self.refine_left -= 1
         return float(round(math.sqrt(self.best * self.worst)))
+
+
+def start_rate(configured: float, raw_texts_per_s: float, texts_per_request: int) -> float:
+    """First rate of a ladder: ``configured``, or less where the raw forward allows less.
+
+    A tenth of the raw forward's texts/s (in requests of ``texts_per_request``): a server
+    sharing the machine with its load generator reaches a fraction of the in-process rate,
+    and the ladder climbs from there. ``raw_texts_per_s`` <= 0 (not measured) keeps
+    ``configured``.
+    """
+    if raw_texts_per_s <= 0:
+        return configured
+    return max(1.0, min(configured, float(round(raw_texts_per_s / 10 / texts_per_request))))
 
 
 def max_passing(steps: Sequence[StepSummary]) -> StepSummary | None:

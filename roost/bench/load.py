@@ -12,7 +12,7 @@ import gc
 import time
 
 from roost.bench import loadgen, measure
-from roost.bench.ladder import Ladder, summarize
+from roost.bench.ladder import Ladder, start_rate, summarize
 from roost.bench.plan import Profile, Progress, ServerResult, Target
 from roost.config import BenchSettings
 
@@ -28,6 +28,7 @@ class Loader:
         self.started = started  # time.monotonic() at the start of the run
         self.progress = progress
         self.client_nice = 0  # the niceness the load generator got (0 where not allowed)
+        self.raw_texts_per_s = 0.0  # the raw forward's rate: where each ladder starts from
 
     def load(self, target: Target) -> None:
         server = target.server
@@ -76,8 +77,9 @@ class Loader:
 
     async def _ladder(self, sender: loadgen.Sender, pid: int, server: ServerResult) -> None:
         p = self.profile
+        start = start_rate(p.start_rps, self.raw_texts_per_s, server.texts_per_request)
         ladder = Ladder(
-            p.start_rps, p.growth, self.cfg.max_rps, p.max_steps, p.refine,
+            start, p.growth, self.cfg.max_rps, p.max_steps, p.refine,
             retry_failures=not p.quick,
         )  # fmt: skip
         while (rate := ladder.next_rate()) is not None:

@@ -68,6 +68,7 @@ class ServerResult:
     ladder: list[StepSummary] = field(default_factory=list)
     peak_rss_mb: float = 0.0
     correctness: dict[str, Any] = field(default_factory=dict)
+    unavailable: str | None = None  # why a server could not be measured here (no ladder)
 
     @property
     def best(self) -> StepSummary | None:
@@ -96,6 +97,7 @@ class ServerResult:
             "correctness": self.correctness,
             "config": self.config,
             "ladder": [s.to_dict() for s in self.ladder],
+            **({"unavailable": self.unavailable} if self.unavailable else {}),
         }
 
 

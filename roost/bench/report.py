@@ -19,6 +19,7 @@ LIBRARIES = (
     "torch", "kserve", "uvicorn", "uvloop", "fastapi", "grpcio", "orjson", "numpy",
     "torchserve", "torch-model-archiver",
 )  # fmt: skip
+# Peers run in environments of their own: bench.json's peer_requirements has their pins.
 
 
 def write(result: dict[str, Any], out: Path, command: str) -> dict[str, Path]:
@@ -59,6 +60,13 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for s in result["servers"]:
+        if s.get("unavailable"):
+            lines.append(
+                f"| {s['name']} | {s['protocol']} | {s['texts_per_request']} | "
+                f"not measured: {s['unavailable'][:160].replace('|', '/')} "
+                "| - | - | - | - | - | - |"
+            )
+            continue
         at = s["at_max"] or {}
         errors = sum(step["errors"] for step in s["ladder"])
         lines.append(
@@ -87,7 +95,7 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{target['value_best_request_shape']}"
             )
         verdict = _verdict(target)
-        name = names.get(key, target.get("label", key))
+        name = target.get("label") or names.get(key, key)
         lines.append(
             f"- {name}: **{target['value']}** (target {target['target']}, {verdict}{extra})"
         )
@@ -95,6 +103,19 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"- roost cold start from `models:/` with an empty cache: "
             f"{result['cold_start_models_uri_s']} s"
+        )
+    floor = result.get("cold_start_floor")
+    if floor and floor.get("seconds"):
+        ratios = ", ".join(
+            f"{_label(s)} {s['cold_start_s'] / floor['seconds']:.2f}x"
+            for s in result["servers"]
+            if s["cold_start_s"] > 0
+            and s["protocol"] in ("rest-v2", "rest")
+            and s["texts_per_request"] == 1
+        )
+        lines.append(
+            f"- cold start floor (`{floor['command']}`, same run): {floor['seconds']} s; "
+            f"cold start / floor: {ratios}"
         )
     lines += layers.markdown(result)
     lines += ["", "Ladders (offered req/s: p50 / p99 / p99.9 ms, errors):", ""]

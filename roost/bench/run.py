@@ -4,7 +4,9 @@ Stages, in order:
 
 1. resolve the model version (MLflow registry, downloaded once) and sample corpus texts;
    the reference model in-process gives the expected answer of every text;
-2. raw forward: the batch kernel both servers run, in-process, at several batch sizes;
+2. raw forward: the batch kernel both servers run, in-process, at several batch sizes
+   (each ladder starts from what it allows); the cold-start floor (a bare torch import
+   plus loading the weights file, in a fresh process);
 3. export the version as a TorchServe archive (KServe's kserve-torchserve layout);
 4. roost: start the model server (``python -m roost serve``, what a pod runs) on the
    model directory (what KServe's storage initializer gives a pod) ``cold_starts`` times,
@@ -12,6 +14,8 @@ Stages, in order:
    per protocol (REST v2, gRPC, REST v2 with many texts per request);
 5. TorchServe: per worker count of the sweep, start, check, warm up, run the REST ladder;
    the best configuration is the one reported;
+5b. the peers (plain KServe, MLServer, BentoML, PyTriton; :mod:`roost.bench.peers`), each
+   in its own environment, started as its docs say, checked, then its ladders;
 6. the caller writes bench.json, bench.md and bench.png (:mod:`roost.bench.report`).
 
 This module sequences the stages; :mod:`roost.bench.servers` starts and stops the servers
@@ -38,7 +42,7 @@ import numpy as np
 
 from roost import proc, registry
 from roost.bench import layers as bench_layers
-from roost.bench import measure, report, stream, workload
+from roost.bench import measure, peers, report, stream, workload
 from roost.bench import torchserve as ts
 from roost.bench.load import Loader
 from roost.bench.plan import Profile, Progress
@@ -96,6 +100,9 @@ class Bench:
         self.progress(
             f"raw forward: {raw['max_seq_per_s']:.0f} texts/s at batch {raw['batch_size']}"
         )
+        self.loader.raw_texts_per_s = float(raw["max_seq_per_s"])
+        floor = peers.cold_start_floor(model.path, p.cold_starts)
+        self.progress(f"cold start floor (import torch + load the weights): {floor['seconds']}s")
         export = ts.export(
             model.path, self.work / "torchserve", name, version,
             ts.Tuning(batch_size=self.cfg.torchserve_batch_size,
@@ -108,6 +115,9 @@ class Bench:
             servers += bench_layers.rows(self.servers, model, name, version, texts, expected)
         ts_servers, sweep = self.servers.torchserve(export, texts, expected)
         servers += ts_servers
+        servers += peers.Peers(self.cfg, self.work, p, self.progress, self.loader.load).run(
+            model.path, name, texts, expected
+        )
         self.raw_forward_again(raw)
         batch_section = None
         if not p.quick:  # 1M rows take a while; `roost bench batch` runs the section alone
@@ -123,12 +133,15 @@ class Bench:
             "slo_p99_ms": self.cfg.slo_p99_ms,
             "duration_s": round(time.monotonic() - self.started, 1),
             "libraries": report.libraries(),
+            "peer_requirements": {k: list(peers.PEERS[k].requirements) or ["roost's own"]
+                                  for k in self.cfg.peers},
             "texts": {**workload.text_stats(texts), "source": "corpus sample",
                       "seed": self.cfg.seed},
             "raw_forward": raw,
             "servers": [s.to_dict() for s in servers],
             "torchserve_sweep": sweep,
             "cold_start_models_uri_s": self.servers.models_uri_cold_start,
+            "cold_start_floor": floor,
             "work_dir": str(self.work),
             "export": {"layout": "kserve-torchserve", "model_name": name,
                        "config": "config/config.properties",
@@ -137,7 +150,11 @@ class Bench:
         if batch_section is not None:
             result["batch"] = batch_section
         result["layers"] = bench_layers.gains(result)
-        result["targets"] = {**report.targets(result), **stream.targets(result)}
+        result["targets"] = {
+            **report.targets(result),
+            **stream.targets(result),
+            **peers.targets(result),
+        }
         return result
 
     # -- raw forward -----------------------------------------------------------------------

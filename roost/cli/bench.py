@@ -1,4 +1,4 @@
-"""``roost bench``: roost vs TorchServe vs the raw model, measured in one run."""
+"""``roost bench``: roost vs TorchServe, the peers and the raw model, measured in one run."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from roost.config import Settings
 
 app = typer.Typer(
-    help="Benchmark serving (roost vs TorchServe vs the raw model) and export for TorchServe.",
+    help="Benchmark serving (roost vs TorchServe, KServe, MLServer, BentoML, PyTriton and the "
+    "raw model) and export for TorchServe.",
 )
 
 VersionOpt = Annotated[
@@ -63,7 +64,7 @@ def bench(
         ),
     ] = None,
 ) -> None:
-    """Load roost's predictor and TorchServe on loopback with the same model version."""
+    """Load roost's predictor, TorchServe and the peers on loopback with the same model version."""
     if ctx.invoked_subcommand is not None:
         return
     from roost.bench import report, run
@@ -177,6 +178,43 @@ def export_torchserve(
         f"{name} v{export.model_version}: {export.mar} and {export.config}\n"
         f"storageUri: the directory {export.root} (modelFormat pytorch, protocol v1)"
     )
+
+
+@app.command("install-peers")
+def install_peers(
+    ctx: typer.Context,
+    names: Annotated[
+        list[str] | None,
+        typer.Argument(help="Peers to install (default: bench.peers).", show_default=False),
+    ] = None,
+    venvs: Annotated[
+        Path | None,
+        typer.Option(
+            "--dir", help="Where the venvs go (default: bench.peers_venvs).", show_default=False
+        ),
+    ] = None,
+) -> None:
+    """Build the peers' own virtual environments (reused by `roost bench`; `make peers`)."""
+    from roost.bench import peers
+    from roost.errors import RoostError
+
+    settings = state(ctx).settings()
+    chosen = names or list(settings.bench.peers)
+    unknown = sorted(set(chosen) - set(peers.PEERS))
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown peer(s) {', '.join(unknown)}; known: {', '.join(peers.PEERS)}",
+            param_hint="NAMES",
+        )
+    root = venvs or settings.bench.peers_venvs
+    for name in chosen:
+        try:
+            python = peers.environment(
+                peers.PEERS[name], root, settings.bench.peer_install_timeout_s, _progress
+            )
+        except peers.PeerUnavailable as exc:
+            raise RoostError(str(exc)) from None
+        console.print(f"{name}: {python}")
 
 
 @app.command("profile")

@@ -1,8 +1,9 @@
 """Run the model server as a local background process on loopback ports.
 
 The demo, the local rollout backend, the benchmark and the tests start model servers
-through this one function, with the entry point a pod runs: ``roost serve`` (here as
-``python -m roost serve``, the same CLI, flags and server).
+through this one function, with the entry point a pod runs: ``roost serve``, the console
+script the serving image's ENTRYPOINT names (``python -m roost`` only where this
+environment has no ``roost`` script next to its python).
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ class LocalServer:
             self.record.unlink(missing_ok=True)
 
 
+def entry_point() -> list[str]:
+    """argv[0:] of the ``roost`` CLI: the console script of this environment, as in the image."""
+    script = Path(sys.executable).with_name("roost")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "roost"]
+
+
 def start(
     settings: Settings,
     model_uri: str,
@@ -69,7 +76,7 @@ def start(
     http_port = http_port or proc.free_port()
     grpc_port = grpc_port or proc.free_port()
     argv = [
-        sys.executable, "-m", "roost", "--log-format", "json", *["-v"] * verbose, "serve",
+        *entry_point(), "--log-format", "json", *["-v"] * verbose, "serve",
         "--model-uri", model_uri,
         "--model-name", name,
         "--http-port", str(http_port),

@@ -27,8 +27,16 @@ SERVER_KEYS = {"name", "protocol", "texts_per_request", "max_rps_p99_50ms",
                "cpu_s_per_1k", "at_max", "correctness", "config", "ladder"}  # fmt: skip
 
 
-def roost(settings: Settings, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": str(settings.tracking.uri)}
+REPO = Path(__file__).resolve().parents[2]
+# The peers make test's quick bench runs: plain KServe (roost's environment) and those whose
+# venvs `make peers` builds (Makefile TEST_PEERS); BentoML's install is the slow one.
+TEST_PEERS = ("kserve", "mlserver", "pytriton")
+
+
+def roost(
+    settings: Settings, *args: str, timeout: float, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": str(settings.tracking.uri), **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "roost", "--state-dir", str(settings.state_dir), *args],
         capture_output=True, text=True, timeout=timeout, env=env, check=False,
@@ -40,8 +48,18 @@ def quick_bench(
     settings: Settings, champion: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[dict[str, Any], Path]:
     out = tmp_path_factory.mktemp("bench")
+    peers = {"ROOST_BENCH__PEERS": json.dumps(TEST_PEERS),
+             "ROOST_BENCH__PEERS_VENVS": str(REPO / ".venv-peers")}  # fmt: skip
     result = roost(
-        settings, "bench", "--quick", "--layers", "--out", str(out), "--json", timeout=420
+        settings,
+        "bench",
+        "--quick",
+        "--layers",
+        "--out",
+        str(out),
+        "--json",
+        timeout=900,
+        env=peers,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout), out
@@ -60,6 +78,19 @@ def test_bench_json_shape(quick_bench: tuple[dict[str, Any], Path], champion: An
     pairs = {(s["name"], s["protocol"]) for s in doc["servers"]}
     assert {("roost", "rest-v2"), ("roost", "grpc-v2"), ("torchserve", "rest")} <= pairs
     assert ("roost+payload-logging", "rest-v2") in pairs  # logging on, same run: its cost
+    peer_rows = {
+        ("kserve", "rest-v2"),
+        ("kserve", "grpc-v2"),
+        ("mlserver", "rest-v2"),
+        ("mlserver", "grpc-v2"),
+        ("pytriton", "rest-v2"),
+        ("pytriton", "grpc-v2"),
+    }
+    assert peer_rows <= pairs
+    for server in doc["servers"]:  # the peers make test runs install and run here
+        assert "unavailable" not in server, (server["name"], server["unavailable"])
+    floor = doc["cold_start_floor"]
+    assert floor["seconds"] > 0 and len(floor["runs_s"]) >= 1
     for server in doc["servers"]:
         assert set(server) >= SERVER_KEYS
         assert server["cold_start_s"] > 0 and server["peak_rss_mb"] > 0
@@ -67,7 +98,16 @@ def test_bench_json_shape(quick_bench: tuple[dict[str, Any], Path], champion: An
         for step in server["ladder"]:
             assert set(step) >= STEP_KEYS
             assert step["requests"] >= 1
-    keys = {"roost_vs_torchserve", "roost_vs_raw", "cold_start", "payload_logging_kept"}
+    keys = {
+        "roost_vs_torchserve",
+        "roost_vs_raw",
+        "cold_start",
+        "payload_logging_kept",
+        "roost_vs_kserve",
+        "roost_vs_mlserver",
+        "roost_vs_pytriton",
+        "cold_start_vs_floor",
+    }
     assert keys <= set(doc["targets"])
     for key, target in doc["targets"].items():
         # A number and its verdict, or (on a machine too busy for a ladder step) the reason.

@@ -57,7 +57,23 @@ def test_ladder_survives_a_stray_failure() -> None:
 def test_ladder_bounds() -> None:
     assert climb(ladder.Ladder(100, 2.0, 300, 20, 2), capacity=1e9) == [100, 200, 300]
     assert len(climb(ladder.Ladder(100, 2.0, 1e9, 3, 2), capacity=1e9)) == 3
-    assert climb(ladder.Ladder(100, 2.0, 1e9, 10, 2, retry_failures=False), 50) == [100]
+    # Nothing passes above the floor: it steps down to min_rate and stops.
+    lad = ladder.Ladder(100, 2.0, 1e9, 10, 2, retry_failures=False, min_rate=10)
+    assert climb(lad, 5) == [100, 50, 25, 12] and lad.best is None
+
+
+def test_ladder_steps_down_when_the_first_rate_fails() -> None:
+    lad = ladder.Ladder(1000, 2.0, 1e9, 20, 1, retry_failures=False)
+    tried = climb(lad, capacity=100)
+    assert tried[:5] == [1000, 500, 250, 125, 62]  # halved until a rate passes
+    assert tried[5] == 88  # then a bisection between the passing and the failing rate
+    assert lad.best == 88
+
+
+def test_ladder_start_follows_the_raw_forward() -> None:
+    assert ladder.start_rate(500, 73459, 1) == 500  # a fast machine: the configured start
+    assert ladder.start_rate(500, 19888, 32) == 62  # the slow machine's x32 ladder
+    assert ladder.start_rate(500, 0, 1) == 500  # not measured: the configured start
 
 
 def test_summarize_and_pass_rule() -> None:
@@ -267,3 +283,79 @@ def test_targets_name_what_a_run_could_not_measure() -> None:
     assert "torchserve rest passed no ladder step" in out["roost_vs_torchserve"]["reason"]
     assert out["payload_logging_kept"] == {"value": 0.95, "target": 0.9, "met": True}
     assert out["cold_start"]["met"] is True
+
+
+# -- peers ----------------------------------------------------------------------------------
+def test_peer_targets_take_each_peers_best_protocol_and_the_cold_start_floor() -> None:
+    from roost.bench import peers
+
+    def server(name: str, protocol: str, rps: float, **extra: object) -> dict[str, object]:
+        return {"name": name, "protocol": protocol, "texts_per_request": 1,
+                "max_rps_p99_50ms": rps, "max_seq_per_s_p99_50ms": rps, "cold_start_s": 1.5,
+                **extra}  # fmt: skip
+
+    result = {
+        "servers": [
+            server("roost", "rest-v2", 4000.0),
+            server("mlserver", "rest-v2", 1000.0),
+            server("mlserver", "grpc-v2", 2000.0),
+            server("pytriton", "rest-v2", 0.0),
+            server("bentoml", "rest", 0.0, unavailable="pip install failed: no wheel"),
+        ],
+        "cold_start_floor": {"seconds": 1.2},
+    }
+    out = peers.targets(result)
+    assert out["roost_vs_mlserver"]["value"] == 2.0 and out["roost_vs_mlserver"]["met"] is True
+    assert out["roost_vs_mlserver"]["peer_protocol"] == "grpc-v2"
+    assert out["roost_vs_pytriton"]["met"] is None
+    assert "passed no ladder step" in out["roost_vs_pytriton"]["reason"]
+    assert out["roost_vs_bentoml"]["reason"] == "bentoml: pip install failed: no wheel"
+    assert "roost_vs_kserve" not in out  # not in this run: no target
+    assert out["cold_start_vs_floor"]["value"] == 1.25 and out["cold_start_vs_floor"]["met"]
+
+
+def test_report_shows_an_unavailable_peer_with_its_reason(tmp_path: Path) -> None:
+    result = fake_result()
+    result["servers"].append(
+        {**result["servers"][0], "name": "pytriton", "ladder": [], "at_max": None,
+         "max_rps_p99_50ms": 0.0, "cold_start_s": 0.0, "unavailable": "did not start: x"}
+    )  # fmt: skip
+    result["cold_start_floor"] = {"seconds": 0.6, "command": "python -c 'import torch'"}
+    paths = report.write(result, tmp_path, "roost bench --quick")
+    table = paths["table"].read_text()
+    assert "| pytriton | rest-v2 | 1 | not measured: did not start: x |" in table
+    assert "cold start / floor: roost rest-v2 2.00x" in table
+
+
+def test_peer_apps_do_not_import_roost() -> None:
+    from roost.bench import peers
+
+    for app in peers.APPS.glob("*.py"):
+        torchserve.check_self_contained(app)  # raises if one does
+    assert {"mlserver_runtime.py", "bentoml_service.py", "pytriton_server.py",
+            "roost_peer.py"} <= {p.name for p in peers.APPS.glob("*.py")}  # fmt: skip
+
+
+def test_grpc_check_reads_tritons_raw_output_contents() -> None:
+    import struct
+
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+
+    from roost.bench import peers
+
+    expected = workload.Expected(["neg", "pos"], np.array([[0.2, 0.8]], dtype=np.float32))
+    check = peers.check_grpc_any(expected)
+
+    def answer(label: bytes, probs: list[float]) -> Any:
+        response = pb.ModelInferResponse(
+            outputs=[pb.ModelInferResponse.InferOutputTensor(name="label", datatype="BYTES"),
+                     pb.ModelInferResponse.InferOutputTensor(name="probabilities",
+                                                             datatype="FP32")],
+        )  # fmt: skip
+        response.raw_output_contents.extend(
+            [struct.pack("<I", len(label)) + label, np.array(probs, "<f4").tobytes()]
+        )
+        return response
+
+    assert check(answer(b"pos", [0.2, 0.8]), 0) is None
+    assert "label 'neg'" in (check(answer(b"neg", [0.8, 0.2]), 0) or "")
