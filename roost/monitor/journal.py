@@ -40,7 +40,7 @@ from typing import Any
 import orjson
 
 from roost.monitor import events
-from roost.monitor.store import PartStore
+from roost.monitor.store import PartStore, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +90,6 @@ class Record:
     @classmethod
     def feedback(cls, event_id: str, label: str, received: float) -> Record:
         return cls(event_id, FEEDBACK_TYPE, received, data=orjson.dumps(label))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Journal:
@@ -177,7 +169,7 @@ class Journal:
     def _open_segment(self) -> None:
         path = self.journal_dir / f"seg-{self._segment:09d}.jsonl"
         self._file = open(path, "ab")  # noqa: SIM115 - held open for appends
-        _fsync_dir(self.journal_dir)
+        fsync_dir(self.journal_dir)
         self._opened = time.monotonic()
         self._size = self._file.tell()
 
@@ -292,7 +284,7 @@ class Journal:
                     break
                 write_parts(self.store, number, list(read_segment(path)))
                 path.unlink()
-                _fsync_dir(self.journal_dir)
+                fsync_dir(self.journal_dir)
                 done += 1
         self.compacted_segments += done
         return done
