@@ -270,7 +270,7 @@ class Controller:
         feed = Feed(str(state.shadow["receiver"]), str(state.shadow["model"]))
         batch: Batch | None = None
         inferences: list[judge.Logged] = []
-        answers: list[judge.Answer] = []
+        answers: list[judge.Answer | None] = []
         try:
             since = float(state.shadow["started_at"])  # the champion's traffic from now on
             batch = feed.read(cursor, plan.batch, plan.settle_s, now, since)
@@ -278,14 +278,19 @@ class Controller:
             if inferences:
                 endpoint = self.backend.shadow_endpoint(state)
                 name = self.settings.serving.model_name
-                answers = replay(inferences, endpoint, name, plan.timeout_s, plan.concurrency)
+                # a third of the lease: the heartbeat is saved at least that often
+                budget = self.cfg.lease_s / 3
+                answers = replay(
+                    inferences, endpoint, name, plan.timeout_s, plan.concurrency, budget
+                )
         except Unavailable as exc:  # judged on what it has: max_duration_s still ends it
             state = engine.hold(state, f"shadow waits: {exc}", now, key="shadow")
             batch, inferences, answers = None, [], []
         if batch is not None and batch.restarted:
             self.notify(f"rollout {state.id}: the payload receiver restarted; following it anew")
         for logged, answer in zip(inferences, answers, strict=True):
-            tally.add(logged, answer, plan.sample_ids)
+            if answer is not None:  # None: not sent, the pass's time ran out
+                tally.add(logged, answer, plan.sample_ids)
         champion = state.window.get("champion") or Counts()
         challenger = state.window.get("challenger")  # its server's metrics: the replays
         analysis = judge.judge(tally, champion, plan.thresholds, plan.min_pairs, challenger)

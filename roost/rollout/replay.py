@@ -127,18 +127,36 @@ def _one(client: httpx.Client, base: str, model: str, logged: Logged) -> Answer:
 
 
 def replay(
-    inferences: list[Logged], base_url: str, model: str, timeout_s: float, concurrency: int
-) -> list[Answer]:
-    """The challenger's answers to ``inferences`` (same order); failures become answers."""
+    inferences: list[Logged],
+    base_url: str,
+    model: str,
+    timeout_s: float,
+    concurrency: int,
+    budget_s: float | None = None,
+) -> list[Answer | None]:
+    """The challenger's answers to ``inferences`` (same order); failures become answers.
+
+    ``budget_s`` bounds the pass: an inference not yet sent when it runs out is not sent
+    (``None``: left out of the tally, like one the sample skipped), so a challenger that hangs
+    costs one pass at most ``budget_s + timeout_s``, never ``len(inferences) / concurrency``
+    timeouts, and the controller keeps its lease and its check cadence.
+    """
     if not inferences:
         return []
     base = base_url.rstrip("/")
+    deadline = None if budget_s is None else time.monotonic() + budget_s
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    def one(client: httpx.Client, item: Logged) -> Answer | None:
+        if deadline is not None and time.monotonic() >= deadline:
+            return None
+        return _one(client, base, model, item)
+
     with (
         httpx.Client(timeout=timeout_s, limits=limits) as client,
         ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="roost-shadow") as pool,
     ):
-        return list(pool.map(lambda item: _one(client, base, model, item), inferences))
+        return list(pool.map(lambda item: one(client, item), inferences))
 
 
 def receiver_url(settings: Settings) -> str | None:

@@ -325,3 +325,93 @@ def test_kserve_shadow_url_is_the_latest_tag_of_the_predictor() -> None:
     assert shadow_url(obj) == "http://latest-p.ns"
     with pytest.raises(NotReady, match="enable-tag-routing"):
         shadow_url({"status": {"components": {"predictor": {"traffic": traffic[:1]}}}})
+
+
+# -- the replay against a real HTTP server that hangs on some inputs ---------------------------
+
+
+class _Challenger:
+    """A loopback HTTP server answering REST v1; a text containing "hang" waits for release."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.release = threading.Event()
+        release = self.release
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if b"hang" in body:
+                    release.wait(120)  # far past the replay's timeout
+                answer = json.dumps({"predictions": [{"label": "positive", "confidence": 0.9}]})
+                data = answer.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def challenger() -> Any:
+    server = _Challenger()
+    yield server
+    server.close()
+
+
+def _logged_texts(texts: list[str]) -> list[Logged]:
+    return [Logged(f"e{i}", {"instances": [t]}, ("positive",), (0.9,)) for i, t in enumerate(texts)]
+
+
+def test_a_challenger_that_hangs_on_some_inputs_times_out_on_those_and_fails_the_shadow(
+    challenger: _Challenger,
+) -> None:
+    from roost.rollout.replay import replay
+
+    texts = [f"text {i} hang" if i % 4 == 0 else f"text {i}" for i in range(40)]
+    answers = replay(_logged_texts(texts), challenger.url, "m", timeout_s=0.3, concurrency=4)
+    assert not challenger.release.is_set()  # every hanging request was still hanging
+    assert all(a is not None for a in answers)  # no budget: every inference was sent
+    hung = [a for t, a in zip(texts, answers, strict=True) if "hang" in t]
+    fine = [a for t, a in zip(texts, answers, strict=True) if "hang" not in t]
+    assert [a.error for a in hung if a is not None] == ["timeout"] * 10
+    assert all(a is not None and a.labels == ("positive",) and not a.error for a in fine)
+    tally = Tally()
+    for item, got in zip(_logged_texts(texts), answers, strict=True):
+        assert got is not None
+        tally.add(item, got)
+    result = judge(tally, live(40), T, min_pairs=20)
+    assert result.verdict is Verdict.FAIL  # 25 % of replays failed: error_rate, never a pass
+    assert tally.errors == {"timeout": 10}
+
+
+def test_a_replay_pass_is_bounded_by_its_budget_not_by_the_hanging_requests(
+    challenger: _Challenger,
+) -> None:
+    """40 hanging inputs at 0.5 s each, 2 at a time, would take 10 s; the budget ends it first."""
+    from roost.rollout.replay import replay
+
+    texts = [f"text {i} hang" for i in range(40)]
+    answers = replay(
+        _logged_texts(texts), challenger.url, "m", timeout_s=0.5, concurrency=2, budget_s=1.0
+    )
+    assert not challenger.release.is_set()
+    sent = [a for a in answers if a is not None]
+    assert sent and all(a.error == "timeout" for a in sent)
+    # each worker sends while the budget lasts, then stops: far fewer than 40 were sent
+    assert len(sent) < len(texts), len(sent)
