@@ -136,16 +136,22 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=100)
+    fig, ax = plt.subplots(figsize=(10, 5.4), dpi=100)
     slo = result["slo_p99_ms"]
-    for server in result["servers"]:
-        steps = sorted(
-            (s for s in server["ladder"] if s["p99_ms"] is not None), key=lambda s: s["rate"]
+    # one colour per row (a dozen rows and more: the default cycle of 10 repeats itself)
+    colours = plt.get_cmap("tab20")
+    for i, server in enumerate(result["servers"]):
+        steps = sorted(  # by what was achieved: a ladder that steps down would zigzag
+            (s for s in server["ladder"] if s["p99_ms"] is not None),
+            key=lambda s: s["achieved_rps"],
         )
         if not steps:
             continue
         x = [s["achieved_rps"] * server["texts_per_request"] for s in steps]
-        (line,) = ax.plot(x, [s["p99_ms"] for s in steps], marker="o", ms=3, label=_label(server))
+        (line,) = ax.plot(
+            x, [s["p99_ms"] for s in steps], marker="o", ms=3, label=_label(server),
+            color=colours((2 * i) % 20 if i < 10 else (2 * i + 1) % 20),
+        )  # fmt: skip
         ax.plot(x, [s["p50_ms"] for s in steps], ls="--", lw=0.8, color=line.get_color())
     ax.axhline(slo, color="grey", lw=0.8, ls=":")
     ax.text(0.99, slo * 1.08, f"p99 objective {slo:g} ms", fontsize=8, ha="right",
@@ -162,7 +168,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         fontsize=10,
     )
     ax.grid(True, which="both", lw=0.3, alpha=0.5)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
