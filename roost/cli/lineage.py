@@ -166,8 +166,9 @@ def render(doc: dict[str, Any]) -> Tree:
         )
         for s in r["steps"]:
             requests = json.dumps(s.get("requests")) if s.get("requests") else "-"
+            where = "shadow" if s.get("step") == "shadow" else f"{s['weight']}%"
             sub.add(
-                f"{s['weight']}% at {s['at']}: {s.get('verdict') or 'no verdict'} "
+                f"{where} at {s['at']}: {s.get('verdict') or 'no verdict'} "
                 f"(requests {escape(requests)})"
             )
         if r.get("reason"):

@@ -225,6 +225,7 @@ def rollouts(reg: Registry, runs: Iterable[Any], tags: dict[str, str]) -> list[d
                 "failure": document.get("failure"),
                 "steps": [
                     {
+                        "step": s.get("step"),
                         "weight": s.get("weight"),
                         "at": s.get("at"),
                         "verdict": s.get("verdict"),
@@ -283,7 +284,8 @@ def _tag_steps(tags: dict[str, str]) -> list[dict[str, Any]]:
             row = json.loads(tags[f"{ROLLOUT_TAG}.step.{i}"])
         except ValueError:
             row = {}
-        steps.append({k: row.get(k) for k in ("weight", "at", "verdict", "requests", "reason")})
+        keys = ("step", "weight", "at", "verdict", "requests", "reason")
+        steps.append({k: row.get(k) for k in keys})
         i += 1
     return steps
 

@@ -532,6 +532,8 @@ def compact_row(row: Mapping[str, Any]) -> dict[str, Any]:
         "at": _iso(row.get("applied_at")),
         "verdict": row.get("verdict"),
     }
+    if row.get("step") is not None:
+        out["step"] = row["step"]  # "shadow", or the canary step's number
     analysis = row.get("analysis")
     if analysis:
         out["requests"] = analysis.get("requests")

@@ -83,7 +83,10 @@ def test_lineage_after_the_demo(demo_store: DemoStore) -> None:
     assert doc["gate"]["decision"] == "passed" and doc["gate"]["champion_version"] == "1"
     (rollout,) = doc["rollouts"]
     assert rollout["outcome"] == "promoted" and rollout["champion"] == "1"
-    assert [s["weight"] for s in rollout["steps"]] == [10, 25, 50, 100]
+    # the demo's second run shadows v2 first (weight 0), then the canary steps
+    assert [s["weight"] for s in rollout["steps"]] == [0, 10, 25, 50, 100]
+    assert [s["step"] for s in rollout["steps"]] == ["shadow", 1, 2, 3, 4]
+    assert all(s["verdict"] == "pass" for s in rollout["steps"])
     assert doc["images"]["note"] == "no cluster configured"
     local = doc["serving"]["local"]
     assert local and all(s["pid"] and s["url"].startswith("http://127.0.0.1:") for s in local)
@@ -96,7 +99,7 @@ def test_lineage_after_the_demo(demo_store: DemoStore) -> None:
     tree = roost(demo_store.state, "lineage", "sentiment@champion")
     assert tree.returncode == 0 and tree.stdout == ""
     for text in ("sentiment v2", "training run", "dataset inputs", "gate", "promoted",
-                 "no cluster configured", "tuning study"):  # fmt: skip
+                 "no cluster configured", "tuning study", "shadow at"):  # fmt: skip
         assert text in tree.stderr, text
 
 

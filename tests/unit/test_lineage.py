@@ -146,9 +146,13 @@ def test_cluster_facts_without_a_cluster_say_so(monkeypatch: pytest.MonkeyPatch,
     }
 
 
-def test_request_lookup_without_a_store_says_payload_logging_not_configured() -> None:
+def test_request_lookup_without_a_store_says_payload_logging_not_configured(
+    tmp_path: Path,
+) -> None:
+    # a state dir of its own: the checkout's .roost/ may hold a receiver's store (make demo)
+    settings = load_settings(None, {"state_dir": str(tmp_path)})
     with pytest.raises(PayloadLoggingNotConfigured, match=r"^payload logging not configured"):
-        find_request(load_settings(None, {}), "req-1")
+        find_request(settings, "req-1")
 
 
 def test_request_lookup_reads_the_parquet_store(tmp_path: Path) -> None:
