@@ -106,6 +106,7 @@ def test_kserve_canary_analysed_through_a_real_prometheus(
     settings.rollout = settings.rollout.model_copy(update={
         "steps": [50, 100], "window_s": 3.0, "check_interval_s": 0.5, "min_requests": 20,
         "poll_s": 0.2, "prometheus_url": prom_url, "storage_uri": TEMPLATE,
+        "mode": "canary",  # the canary's analysis through Prometheus (no shadow phase)
     })  # fmt: skip
     settings.k8s = settings.k8s.model_copy(
         update={"namespace": "roost", "inference_service": "sentiment"}

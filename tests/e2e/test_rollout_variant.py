@@ -317,7 +317,8 @@ def test_pins_hold_while_the_controller_steps_a_real_rollout(
         **{f"ROOST_ROLLOUT__{k.upper()}": json.dumps(v) for k, v in rollout.items()},
     }
     argv = [sys.executable, "-m", "roost", "--log-format", "json", "rollout", "start", MODEL,
-            "--version", version, "--traffic-rps", "20", "--json", "--timeout", "240"]  # fmt: skip
+            "--version", version, "--mode", "canary",  # pins at every canary weight
+            "--traffic-rps", "20", "--json", "--timeout", "240"]  # fmt: skip
     answers: list[tuple[float, float, str, int, str | None]] = []
     stop = threading.Event()
 

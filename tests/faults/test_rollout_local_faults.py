@@ -49,6 +49,7 @@ pytestmark = pytest.mark.faults
 
 ROLLOUT: dict[str, Any] = {
     "backend": "local",
+    "mode": "canary",  # these tests drive the canary steps (shadow: test_rollout_shadow.py)
     "steps": [50, 100],
     "window_s": 2.0,
     "check_interval_s": 0.5,
@@ -185,6 +186,7 @@ def local_canary(
             **{f"ROOST_ROLLOUT__{k.upper()}": json.dumps(v) for k, v in rollout.items()},
         )  # fmt: skip
         env["ROOST_ROLLOUT__BACKEND"] = "local"
+        env["ROOST_ROLLOUT__MODE"] = "canary"
         env["ROOST_ROLLOUT__NGINX"] = str(wrapper)
         canary = LocalCanary(
             Controller(settings, backend), backend, mlflow_proxy, direct, champion, challenger,
