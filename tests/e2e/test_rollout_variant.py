@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import pytest
 
-from roost import client, registry
+from roost import client, proc, registry
 from roost.config import Settings
 from roost.rollout import engine
 from roost.rollout import variant as pin
@@ -139,8 +139,12 @@ def test_a_pinned_request_reaches_the_named_side_at_every_weight(pinning: Pinnin
     for weight in WEIGHTS:
         if weight:
             pinning.backend.set_weight(pinning.state, weight)
-        live = pinning.backend.live()
-        assert live is not None and live["weight"] == weight, live
+        # nginx applies a reload asynchronously (new workers, then the old ones retire)
+        live = proc.wait_until(
+            lambda w=weight: (now := pinning.backend.live()) and now["weight"] == w and now,
+            60, 0.1, what=f"nginx to serve weight {weight}",
+            describe=lambda: str(pinning.backend.live()),
+        )  # fmt: skip
         assert live["variants"] == {"champion": champion, "challenger": challenger}
         for value, version in (("champion", champion), ("challenger", challenger)):
             served = pinned_versions(pinning, value)
@@ -276,9 +280,11 @@ def test_hostile_header_values(pinning: Pinning) -> None:
 def test_without_a_challenger_a_challenger_pin_is_refused(pinning: Pinning) -> None:
     pinning.backend.set_weight(pinning.state, 0)
     pinning.backend.retire(pinning.state)  # what a rollback ends with: no challenger server
-    live = pinning.backend.live()
-    assert live is not None and live["variants"] == {"champion": pinning.champion,
-                                                     "challenger": None}  # fmt: skip
+    alone = {"champion": pinning.champion, "challenger": None}
+    proc.wait_until(  # nginx applies the reload asynchronously
+        lambda: (now := pinning.backend.live()) and now["variants"] == alone, 60, 0.1,
+        what="nginx to serve the champion alone", describe=lambda: str(pinning.backend.live()),
+    )  # fmt: skip
     refused = pinning.rest({VARIANT_HEADER: "challenger"})
     assert refused.status_code == 409
     error = refused.json()["error"]
