@@ -85,7 +85,8 @@ def markdown(result: dict[str, Any]) -> str:
         "roost_vs_torchserve": "roost REST v2 / TorchServe REST, max req/s",
         "roost_vs_raw": "roost REST v2 (1 text/req) / raw forward, texts/s",
         "cold_start": "roost cold start (process start → ready, model directory), s",
-        "payload_logging_kept": "roost REST v2 with payload logging / without, max req/s",
+        "payload_logging_kept": "roost REST v2 with payload logging (receiver elsewhere) / "
+        "without, max req/s",
     }
     for key, target in result.get("targets", {}).items():
         extra = ""
@@ -99,6 +100,9 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"- {name}: **{target['value']}** (target {target['target']}, {verdict}{extra})"
         )
+    colocated = logging_colocated(result)
+    if colocated:
+        lines.append(f"- {colocated}")
     if result.get("cold_start_models_uri_s") is not None:
         lines.append(
             f"- roost cold start from `models:/` with an empty cache: "
@@ -257,6 +261,30 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
         cold = roost_rest["cold_start_s"]
         out["cold_start"] = {"value": cold, "target": 2.0, "met": cold <= 2.0}
     return out
+
+
+def logging_colocated(result: dict[str, Any]) -> str | None:
+    """One line on the whole logging pipeline on this machine: the predictor and
+    ``roost monitor serve`` sharing its CPUs (no target: in a cluster the receiver is a pod of
+    its own, which is what ``payload_logging_kept`` measures)."""
+    plain = logged = None
+    for s in result["servers"]:
+        if (s["protocol"], s["texts_per_request"]) != ("rest-v2", 1):
+            continue
+        if s["name"] == "roost":
+            plain = s
+        elif s["name"] == "roost+payload-logging+receiver":
+            logged = s
+    if plain is None or logged is None or not plain["max_rps_p99_50ms"]:
+        return None
+    ratio = logged["max_rps_p99_50ms"] / plain["max_rps_p99_50ms"]
+    cpu = logged.get("config", {}).get("receiver_cpu_us_per_event")
+    per_event = f"; the receiver's CPU per stored event: {cpu} µs" if cpu else ""
+    return (
+        f"roost REST v2 with payload logging to `roost monitor serve` on the same CPUs / "
+        f"without, max req/s: {ratio:.3f} (no target: the whole pipeline on one machine"
+        f"{per_event})"
+    )
 
 
 def _verdict(target: dict[str, Any]) -> str:

@@ -140,14 +140,44 @@ class Servers:
         texts: list[str],
         expected: workload.Expected,
     ) -> list[ServerResult]:
-        """rest-v2 again with payload logging on (sample rate 1.0) to a local receiver.
+        """rest-v2 again with payload logging on (sample rate 1.0), twice.
 
-        Same run, same ladder as the plain rest-v2 row, so the two rows give the cost of
-        logging. The receiver shares this machine's CPUs (in a cluster it runs elsewhere).
+        Same run, same ladder as the plain rest-v2 row, so each row against it gives a cost:
+
+        - ``roost+payload-logging``: what logging costs the predictor. The events go to a
+          receiver that takes none of this machine's CPU, as ``roost monitor serve`` on another
+          node does in a cluster: Debian's nginx, answering 200 to every batch unread
+          (``roost.bench.servers.SINK_CONF``). Without nginx the row says so;
+        - ``roost+payload-logging+receiver``: the receiver (``roost monitor serve``, storing
+          every event) on the same CPUs as the predictor: the whole pipeline on one machine.
         """
+        import shutil
         import sys
 
         logs = self.work / "logs"
+        rows: list[ServerResult] = []
+        nginx = shutil.which("nginx") or shutil.which(self.settings.rollout.nginx)
+        if nginx is None:
+            rows.append(self._logging_row(model, name, version, texts, expected, None, ""))
+        else:
+            port = proc.free_port()
+            prefix = self.work / "sink"
+            (prefix / "logs").mkdir(parents=True, exist_ok=True)
+            (prefix / "nginx.conf").write_text(SINK_CONF.format(prefix=prefix, port=port))
+            sink = proc.start_background(
+                [nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf")], logs / "sink.log"
+            )
+            try:
+                url = f"http://127.0.0.1:{port}/"
+                proc.wait_http(url + "healthz", 30, sink, what="nginx (payload sink)")
+                rows.append(
+                    self._logging_row(
+                        model, name, version, texts, expected, url,
+                        "nginx answering 200 unread (a receiver elsewhere)",
+                    )
+                )  # fmt: skip
+            finally:
+                sink.stop()
         port = proc.free_port()
         receiver = proc.start_background(
             [sys.executable, "-m", "roost", "monitor", "serve", "--port", str(port),
@@ -156,35 +186,63 @@ class Servers:
         url = f"http://127.0.0.1:{port}"
         try:
             proc.wait_http(url + "/healthz", 60, receiver, what="monitor receiver")
-            env = {"ROOST_SERVING__LOGGING__URL": url, "ROOST_SERVING__LOGGING__SAMPLE_RATE": "1"}
-            server, seconds = self._start_roost(
-                str(model.path), name, logs / "roost-logging.log", env, ["--model-version", version]
-            )
-            logging_cfg = self.settings.serving.logging
-            result = ServerResult(
-                "roost+payload-logging", "rest-v2", 1, seconds, [seconds],
-                {"payload_logging": {"sample_rate": 1.0, "format": logging_cfg.format,
-                                     "batch_size": logging_cfg.batch_size,
-                                     "receiver": "roost monitor serve, same machine"}},
+            stored_before = _stored_events(url)
+            cpu_before = measure.tree_cpu_s(receiver.pid)
+            row = self._logging_row(
+                model, name, version, texts, expected, url,
+                "roost monitor serve, same machine", suffix="+receiver",
             )  # fmt: skip
-            try:
-                self.load(
-                    Target(
-                        result, server.process.pid, len(texts),
-                        lambda: loadgen.HttpSender(
-                            "127.0.0.1", server.http_port, f"/v2/models/{name}/infer",
-                            workload.v2_bodies(texts), workload.check_v2(expected, 1,
-                                                                         len(texts)),
-                            self.cfg.connections,
-                        ),
-                    )
-                )  # fmt: skip
-                result.config["events_dropped"] = _dropped_events(server.http_url)
-            finally:
-                server.stop()
+            stored = (_stored_events(url) or 0) - (stored_before or 0)
+            row.config["receiver_events_stored"] = stored
+            if stored > 0:
+                cpu = measure.tree_cpu_s(receiver.pid) - cpu_before
+                row.config["receiver_cpu_us_per_event"] = round(cpu / stored * 1e6, 1)
+            rows.append(row)
         finally:
             receiver.stop()
-        return [result]
+        return rows
+
+    def _logging_row(
+        self,
+        model: registry.LocalModel,
+        name: str,
+        version: str,
+        texts: list[str],
+        expected: workload.Expected,
+        url: str | None,
+        receiver: str,
+        suffix: str = "",
+    ) -> ServerResult:
+        logging_cfg = self.settings.serving.logging
+        result = ServerResult(
+            f"roost+payload-logging{suffix}", "rest-v2", 1, 0.0, [],
+            {"payload_logging": {"sample_rate": 1.0, "format": logging_cfg.format,
+                                 "batch_size": logging_cfg.batch_size, "receiver": receiver}},
+        )  # fmt: skip
+        if url is None:
+            result.unavailable = "nginx not found (Debian package nginx-light: `make apt-deps`)"
+            return result
+        env = {"ROOST_SERVING__LOGGING__URL": url, "ROOST_SERVING__LOGGING__SAMPLE_RATE": "1"}
+        server, seconds = self._start_roost(
+            str(model.path), name, self.work / "logs" / f"roost-logging{suffix}.log", env,
+            ["--model-version", version],
+        )  # fmt: skip
+        result.cold_start_s, result.cold_starts_s = seconds, [seconds]
+        try:
+            self.load(
+                Target(
+                    result, server.process.pid, len(texts),
+                    lambda: loadgen.HttpSender(
+                        "127.0.0.1", server.http_port, f"/v2/models/{name}/infer",
+                        workload.v2_bodies(texts), workload.check_v2(expected, 1, len(texts)),
+                        self.cfg.connections,
+                    ),
+                )
+            )  # fmt: skip
+            result.config["events_dropped"] = _dropped_events(server.http_url)
+        finally:
+            server.stop()
+        return result
 
     def _start_roost(
         self,
@@ -271,6 +329,35 @@ class Servers:
         ]
         best = max(results, key=lambda r: (r.max_rps, -r.config["workers"]))
         return [best], sweep
+
+
+# nginx as a payload sink: it reads each batch, answers 200 and keeps nothing.
+SINK_CONF = """daemon off;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/logs/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+  access_log off;
+  client_body_temp_path {prefix}/body;
+  client_max_body_size 64m;
+  client_body_buffer_size 4m;
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{ default_type application/json; return 200 '{{"stored":0,"duplicates":0}}'; }}
+  }}
+}}
+"""
+
+
+def _stored_events(url: str) -> int | None:
+    """What a receiver has stored so far (its /healthz)."""
+    import httpx
+
+    try:
+        return int(httpx.get(url + "/healthz", timeout=10).json()["stored"])
+    except (httpx.HTTPError, ValueError, KeyError):
+        return None
 
 
 def _dropped_events(url: str) -> float | None:

@@ -288,5 +288,10 @@ def _summary(result: dict[str, Any]) -> None:
             else ("met" if target["met"] else "NOT met")
         )
         console.print(f"{key}: {target['value']} (target {target['target']}, {verdict})")
+    from roost.bench.report import logging_colocated
+
+    colocated = logging_colocated(result)
+    if colocated:
+        console.print(colocated)
     if "batch" in result:
         _batch_summary(result["batch"])

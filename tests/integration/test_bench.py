@@ -78,6 +78,10 @@ def test_bench_json_shape(quick_bench: tuple[dict[str, Any], Path], champion: An
     pairs = {(s["name"], s["protocol"]) for s in doc["servers"]}
     assert {("roost", "rest-v2"), ("roost", "grpc-v2"), ("torchserve", "rest")} <= pairs
     assert ("roost+payload-logging", "rest-v2") in pairs  # logging on, same run: its cost
+    assert ("roost+payload-logging+receiver", "rest-v2") in pairs  # and with the receiver here
+    here = next(s for s in doc["servers"] if s["name"] == "roost+payload-logging+receiver")
+    assert here["config"]["receiver_events_stored"] > 0  # the receiver stored the load's events
+    assert here["config"]["receiver_cpu_us_per_event"] > 0
     peer_rows = {
         ("kserve", "rest-v2"),
         ("kserve", "grpc-v2"),

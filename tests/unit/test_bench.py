@@ -285,6 +285,23 @@ def test_targets_name_what_a_run_could_not_measure() -> None:
     assert out["cold_start"]["met"] is True
 
 
+def test_the_colocated_receiver_row_is_reported_beside_the_targets() -> None:
+    """The receiver on the same CPUs gets a line of its own (ratio and CPU per event)."""
+    from roost.bench.report import logging_colocated
+
+    def server(name: str, rps: float, **config: object) -> dict[str, object]:
+        return {"name": name, "protocol": "rest-v2", "texts_per_request": 1,
+                "max_rps_p99_50ms": rps, "config": config}  # fmt: skip
+
+    plain = server("roost", 4000.0)
+    here = server("roost+payload-logging+receiver", 3000.0, receiver_cpu_us_per_event=58.2)
+    line = logging_colocated({"servers": [plain, server("roost+payload-logging", 3900.0), here]})
+    assert line is not None
+    assert "same CPUs / without, max req/s: 0.750" in line and "58.2 µs" in line
+    assert logging_colocated({"servers": [plain]}) is None
+    assert logging_colocated({"servers": [server("roost", 0.0), here]}) is None
+
+
 # -- peers ----------------------------------------------------------------------------------
 def test_peer_targets_take_each_peers_best_protocol_and_the_cold_start_floor() -> None:
     from roost.bench import peers
