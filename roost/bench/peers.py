@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,9 @@ class Peer:
     requirements: tuple[str, ...]  # pip pins of its own environment; () = roost's environment
     protocols: tuple[str, ...]
     config: dict[str, Any] = field(default_factory=dict)  # what we chose, and why
+    # Configurations to try (each updates ``config``); the best per protocol is reported,
+    # with every one's max req/s under ``sweep`` (as TorchServe's worker counts are).
+    variants: tuple[dict[str, Any], ...] = ()
 
     @property
     def own_env(self) -> bool:
@@ -87,13 +90,17 @@ PEERS: dict[str, Peer] = {
     ),
     "bentoml": Peer(
         "bentoml", ("bentoml==1.4.40",), ("rest",),
-        {"workers": 1, "max_batch_size": 64, "max_latency_ms": 60000,
+        {"workers": 1, "max_batch_size": 64, "max_latency_ms": 60000, "batching": "adaptive",
          "why": "BentoML's docs: adaptive batching (batchable=True, max_batch_size) for "
                 "throughput; max_latency_ms its default 60 s (at 50 ms its dispatcher sheds "
                 "load with 503 'process is overloaded' well below the rate it can serve "
                 "within a 50 ms p99, which the ladder judges instead); one worker (its "
                 "guidance: workers = cores for CPU-bound work, and the batch kernel "
-                "already uses the cores through torch threads)"},
+                "already uses the cores through torch threads). Also tried with batching "
+                "off: once its dispatcher has learnt the load, it holds each call for a "
+                "batch window, and its p99 stays above 50 ms even at a few req/s (with "
+                "max_latency_ms from 100 to 60000); `sweep` has both variants' rates"},
+        variants=({"batching": "adaptive"}, {"batching": "off"}),
     ),
     "pytriton": Peer(
         "pytriton", ("nvidia-pytriton==0.7.0",), ("rest-v2", "grpc-v2"),
@@ -210,7 +217,10 @@ class Peers:
         for key in self.cfg.peers:
             peer = PEERS[key]
             try:
-                results += self._one(peer, staged, name, texts, expected)
+                if peer.variants:
+                    results += self._sweep(peer, staged, name, texts, expected)
+                else:
+                    results += self._one(peer, staged, name, texts, expected)
             except (PeerUnavailable, Timeout, OSError) as exc:
                 reason = " ".join(str(exc).split()) or type(exc).__name__
                 self.progress(f"{peer.name}: not measured: {reason}")
@@ -220,6 +230,30 @@ class Peers:
                     for protocol in peer.protocols
                 ]  # fmt: skip
         return results
+
+    def _sweep(
+        self,
+        peer: Peer,
+        staged: Path,
+        name: str,
+        texts: list[str],
+        expected: workload.Expected,
+    ) -> list[ServerResult]:
+        """``_one`` for each of ``peer.variants``; per protocol the best, with the sweep."""
+        runs = [
+            self._one(replace(peer, config={**peer.config, **variant}), staged, name, texts,
+                      expected)
+            for variant in peer.variants
+        ]  # fmt: skip
+        best: list[ServerResult] = []
+        for rows in zip(*runs, strict=True):
+            winner = max(rows, key=lambda r: r.max_rps)
+            winner.config["sweep"] = [
+                {**variant, "max_rps_p99_50ms": round(r.max_rps, 1)}
+                for variant, r in zip(peer.variants, rows, strict=True)
+            ]
+            best.append(winner)
+        return best
 
     def _one(
         self,
@@ -311,7 +345,8 @@ class Peers:
                     "BENTOML_HOME": str(self.work / "peers" / "bentoml-home"),
                     "ROOST_PEER_MAX_BATCH": str(peer.config["max_batch_size"]),
                     "ROOST_PEER_MAX_LATENCY_MS": str(peer.config["max_latency_ms"]),
-                    "ROOST_PEER_WORKERS": str(peer.config["workers"])}  # fmt: skip
+                    "ROOST_PEER_WORKERS": str(peer.config["workers"]),
+                    "ROOST_PEER_BATCHING": str(peer.config.get("batching", ""))}  # fmt: skip
             argv = [str(bin_dir / "bentoml"), "serve", "bentoml_service:Classifier",
                     "--host", "127.0.0.1", "--port", str(http)]  # fmt: skip
             process = proc.start_background(argv, log_file, env=env, cwd=staged)

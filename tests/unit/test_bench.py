@@ -376,3 +376,41 @@ def test_grpc_check_reads_tritons_raw_output_contents() -> None:
 
     assert check(answer(b"pos", [0.2, 0.8]), 0) is None
     assert "label 'neg'" in (check(answer(b"neg", [0.8, 0.2]), 0) or "")
+
+
+def test_a_peer_with_variants_reports_its_best_per_protocol_with_the_sweep(
+    tmp_path: Path,
+) -> None:
+    """BentoML runs with adaptive batching and without; each protocol keeps the better."""
+    from dataclasses import replace
+
+    from roost.bench import peers
+    from roost.bench.ladder import StepSummary
+    from roost.bench.plan import Profile, ServerResult
+    from roost.config import Settings
+
+    def step(rate: float) -> StepSummary:
+        return StepSummary(rate, rate, 5.0, 20.0, 30.0, 0, 0, 100, passed=True)
+
+    rates = {"adaptive": 0.0, "off": 250.0}
+    seen: list[dict[str, Any]] = []
+
+    class Measured(peers.Peers):
+        def _one(self, peer, staged, name, texts, expected):  # type: ignore[no-untyped-def]
+            seen.append(dict(peer.config))
+            rate = rates[peer.config["batching"]]
+            result = ServerResult(peer.name, "rest", 1, 1.0, [1.0], dict(peer.config))
+            result.ladder = [step(rate)] if rate else []
+            return [result]
+
+    cfg = Settings().bench
+    bentoml = peers.PEERS["bentoml"]
+    assert [v["batching"] for v in bentoml.variants] == ["adaptive", "off"]
+    runner = Measured(cfg, tmp_path, Profile.of(cfg, quick=True), print, lambda t: None)
+    (row,) = runner._sweep(replace(bentoml), tmp_path, "sentiment", [], None)  # type: ignore[arg-type]
+    assert [c["batching"] for c in seen] == ["adaptive", "off"]
+    assert row.config["batching"] == "off" and row.max_rps == 250.0
+    assert row.config["sweep"] == [
+        {"batching": "adaptive", "max_rps_p99_50ms": 0.0},
+        {"batching": "off", "max_rps_p99_50ms": 250.0},
+    ]
