@@ -48,13 +48,13 @@ def demo(
     if json_output:
         emit_json(report.to_dict())
     else:
-        render(report)
+        render(report, keep_running)
 
 
 PROTOCOL_TITLES = {"v1": "REST v1", "v2": "REST v2", "grpc": "gRPC v2"}
 
 
-def render(report: DemoReport) -> None:
+def render(report: DemoReport, kept_running: bool = False) -> None:
     console.rule("roost demo summary")
     console.print(f"MLflow UI      {report.tracking_uri}")
     console.print(f"training run   {report.run_id}")
@@ -90,7 +90,12 @@ def render(report: DemoReport) -> None:
         timing.add_row(s.name, f"{s.seconds:.1f}")
     timing.add_row("[bold]total[/]", f"[bold]{report.total_seconds:.1f}[/]")
     console.print(timing)
-    if report.started_tracking:
+    if kept_running:
+        console.print(
+            "MLflow and the model servers keep running; `roost rollout down` and "
+            "`roost mlflow down` stop them."
+        )
+    elif report.started_tracking:
         console.print("MLflow was stopped; `roost mlflow up` brings the same store back.")
 
 
