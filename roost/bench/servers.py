@@ -20,6 +20,7 @@ from roost.bench import loadgen, measure, stream, workload
 from roost.bench import torchserve as ts
 from roost.bench.plan import Profile, Progress, ServerResult, Target
 from roost.config import Settings
+from roost.errors import Timeout
 from roost.serving import local
 
 
@@ -244,6 +245,29 @@ class Servers:
             server.stop()
         return result
 
+    def _start_torchserve(
+        self, export: ts.Export, workdir: Path, tuning: ts.Tuning
+    ) -> tuple[ts.LocalTorchServe, float]:
+        """Start TorchServe and wait until it answers; (server, cold start seconds).
+
+        Its five ports are picked free here, then bound by Java seconds later; a start that
+        lost one to another process in between is tried once more on fresh ports."""
+        for attempt in (1, 2):
+            started = time.perf_counter()
+            server = ts.start_local(export, workdir, tuning)
+            probe = measure.http_ready(server.url + server.predict_path, "POST", {"text": "ready?"})
+            try:
+                seconds = measure.wait_ready(
+                    probe, started, 180, server.process.alive, server.process.log_tail
+                )
+                return server, seconds
+            except Timeout:
+                server.stop()
+                if attempt == 2 or not _port_taken(server.process.log_tail(200)):
+                    raise
+                self.progress("torchserve lost a port to another process at start; once more")
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def _start_roost(
         self,
         uri: str,
@@ -291,15 +315,8 @@ class Servers:
                 max_batch_delay_ms=self.cfg.torchserve_max_batch_delay_ms,
             )
             workdir = self.work / "logs" / f"torchserve-w{workers}"
-            started = time.perf_counter()
-            server = ts.start_local(export, workdir, tuning)
+            server, seconds = self._start_torchserve(export, workdir, tuning)
             try:
-                probe = measure.http_ready(
-                    server.url + server.predict_path, "POST", {"text": "ready?"}
-                )
-                seconds = measure.wait_ready(
-                    probe, started, 180, server.process.alive, server.process.log_tail
-                )
                 self.progress(f"torchserve (workers={workers}) ready: cold start {seconds:.2f}s")
                 result = ServerResult(
                     "torchserve", "rest", 1, seconds, [seconds],
@@ -348,6 +365,11 @@ http {{
   }}
 }}
 """
+
+
+def _port_taken(log: str) -> bool:
+    """TorchServe died because a port picked free was bound by someone else meanwhile."""
+    return any(m in log for m in ("Address already in use", "BindException", "ServerImpl.start"))
 
 
 def _stored_events(url: str) -> int | None:

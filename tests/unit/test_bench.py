@@ -414,3 +414,12 @@ def test_a_peer_with_variants_reports_its_best_per_protocol_with_the_sweep(
         {"batching": "adaptive", "max_rps_p99_50ms": 0.0},
         {"batching": "off", "max_rps_p99_50ms": 250.0},
     ]
+
+
+def test_a_torchserve_start_that_lost_a_port_is_recognised() -> None:
+    from roost.bench.servers import _port_taken
+
+    java = "java.io.IOException: Failed to bind to address 0.0.0.0/0.0.0.0:7070\n"
+    assert _port_taken(java + "Caused by: java.net.BindException: Address already in use")
+    assert _port_taken("at io.grpc.internal.ServerImpl.start(ServerImpl.java:185)")
+    assert not _port_taken("ModuleNotFoundError: No module named 'roost_kernel'")
