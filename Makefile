@@ -46,9 +46,15 @@ monitor-demo: venv ## The monitoring loop locally: logging server -> receiver ->
 	$(ROOST) demo --monitor $(DEMO_ARGS)
 
 .PHONY: test
-test: venv checkov apt-deps peers ## Install everything, then run unit, integration and e2e tests.
+test: ## Install everything (make deps, in parallel), then run unit, integration and e2e tests.
+	@$(MAKE) --no-print-directory -j3 --output-sync=target deps
 	@echo ">> pytest (unit, integration, e2e, cluster, faults; kind and gpu tests skip themselves without Docker/CUDA)"
 	$(VENV_PY) -m pytest -m "unit or integration or e2e or cluster or faults or kind or gpu" $(PYTEST_ARGS)
+
+# checkov's venv and the Debian packages build while .venv (then the peers' venvs) does:
+# make test runs this with -j3; each target's output is printed whole when it finishes.
+.PHONY: deps
+deps: venv checkov apt-deps peers ## Install what make test needs: .venv, .venv-checkov, .venv-peers, apt packages.
 
 .PHONY: clean
 clean: ## Stop local servers and remove .roost/ (MLflow store, runs, logs).

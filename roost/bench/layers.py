@@ -57,12 +57,13 @@ def rows(
     version: str,
     texts: list[str],
     expected: workload.Expected,
+    which: tuple[Layer, ...] = LAYERS,
 ) -> list[ServerResult]:
-    """One server per layer (that layer off), loaded like the plain roost rows."""
+    """One server per layer of ``which`` (that layer off), loaded like the plain roost rows."""
     logs = servers.work / "logs"
     base = {"ROOST_SERVING__MODEL_ALIAS": model.alias} if model.alias else {}
     results: list[ServerResult] = []
-    for layer in LAYERS:
+    for layer in which:
         server, seconds = servers._start_roost(
             str(model.path), name, logs / f"{layer.row}.log", {**base, **layer.env},
             ["--model-version", version],

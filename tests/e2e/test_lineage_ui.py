@@ -1,4 +1,5 @@
-"""After two demo runs: `roost lineage` on the result, and the MLflow UI in a real browser.
+"""After the two demo runs (tests/e2e/conftest.py's demo_store): `roost lineage` on the
+result, and the MLflow UI in a real browser.
 
 The browser is Debian's ``chromium`` (``make apt-deps``), headless, driven by playwright's
 Python package with ``executable_path`` (playwright never downloads a browser here). It
@@ -13,17 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from roost import proc, tracking
-from roost.config import load_settings
+from tests.e2e.demo_store import DemoStore, roost
 
 # Two demo runs (train, gate, canary) and a browser: generous on a busy machine.
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
@@ -36,43 +33,14 @@ CHROMIUM_FLAGS = [
 UI_TIMEOUT_MS = 60_000
 
 
-def roost(state: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "roost", "--state-dir", str(state), *args],
-        capture_output=True, text=True, timeout=timeout, check=False,
-        env={
-            **os.environ,
-            "KUBECONFIG": str(state / "no-kubeconfig"),  # no cluster: lineage says so
-            "ROOST_TRACKING__STARTUP_TIMEOUT_S": "300",  # MLflow starts slowly on a busy machine
-        },
-    )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class DemoStore:
-    state: Path
-    ui: str
-    second: dict[str, Any]
-
-
 @pytest.fixture(scope="module")
-def demo_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoStore]:
-    """Two demo runs on one store; the second leaves MLflow and its servers running."""
-    state = tmp_path_factory.mktemp("lineage-demo") / "state"
-    settings = load_settings(None, {"state_dir": state})
+def demo_store(demo_store: DemoStore) -> Iterator[DemoStore]:
+    """The session's two demo runs (tests/e2e/conftest.py; test_demo.py asserts them): the
+    second left MLflow and its servers running; they stop when this module is done."""
     try:
-        for extra in ([], ["--keep-running"]):
-            result = roost(state, "demo", "--json", "--max-rows", "6000", "--epochs", "4", *extra)
-            assert result.returncode == 0, result.stderr[-3000:]
-        second = json.loads(result.stdout)
-        yield DemoStore(state, second["mlflow_ui"], second)
+        yield demo_store
     finally:
-        from roost.rollout.backends.local import LocalBackend
-
-        LocalBackend(settings).shutdown()  # nginx and the canary's servers
-        for record in (state / "servers").glob("*.json"):  # the demo's own server
-            proc.stop_pid(int(json.loads(record.read_text())["pid"]))
-        tracking.down(settings)
+        demo_store.stop()
 
 
 def test_lineage_after_the_demo(demo_store: DemoStore) -> None:

@@ -53,8 +53,7 @@ def quick_bench(
     result = roost(
         settings,
         "bench",
-        "--quick",
-        "--layers",
+        "--quick",  # no --layers: one layer row is test_a_layer_row_is_roost_with_its_switch_off
         "--out",
         str(out),
         "--json",
@@ -121,23 +120,61 @@ def test_bench_json_shape(quick_bench: tuple[dict[str, Any], Path], champion: An
             assert isinstance(target["value"], int | float), (key, target)
 
 
-def test_grpc_stream_and_layer_rows(quick_bench: tuple[dict[str, Any], Path]) -> None:
-    """The ModelStreamInfer row, one row per fast-path layer switched off, their gains and
-    the gRPC targets (shape only: the speeds are what the report says)."""
+def test_grpc_stream_row(quick_bench: tuple[dict[str, Any], Path]) -> None:
+    """The ModelStreamInfer row and the gRPC targets (shape only: the speeds are what the
+    report says). --quick runs no layer rows unless asked (--layers)."""
     from roost.bench import layers
 
     doc, out = quick_bench
     pairs = {(s["name"], s["protocol"]) for s in doc["servers"]}
     assert ("roost", "grpc-v2-stream") in pairs
-    for layer in layers.LAYERS:
-        for protocol in layer.protocols:
-            assert (layer.row, protocol) in pairs
-    gains = {(g["layer"], g["protocol"]) for g in doc["layers"]}
-    assert gains == {(layer.name, p) for layer in layers.LAYERS for p in layer.protocols}
+    assert not {layer.row for layer in layers.LAYERS} & {name for name, _ in pairs}
+    assert doc["layers"] == []
     assert {"grpc_unary_vs_rest", "grpc_stream_vs_rest"} <= set(doc["targets"])
     table = (out / "bench.md").read_text()
-    assert "Fast-path layers" in table and "ROOST_SERVING__FAST_PATH=false" in table
     assert "roost gRPC v2 ModelStreamInfer / REST v2" in table
+    assert "Fast-path layers" not in table
+
+
+def test_a_layer_row_is_roost_with_its_switch_off(
+    settings: Settings, champion: Any, tmp_path: Path
+) -> None:
+    """One layer row through the code `roost bench --layers` runs, on a real server: uvloop
+    off (the stdlib asyncio loop, which no other test serves on; fast-path off is served in
+    test_bench_fastpath.py). The other rows differ only in their switch, which
+    tests/unit/test_bench_layers.py checks is a real setting."""
+
+    from roost import registry
+    from roost.bench import layers, workload
+    from roost.bench.plan import Profile
+    from roost.bench.run import Bench
+    from roost.classifier import TextClassifier
+
+    profile = Profile.of(settings.bench, quick=True)
+    bench = Bench(settings, tmp_path, profile, lambda message: None, layers=True)
+    model = registry.fetch_model(settings, champion.model_uri)
+    classifier = TextClassifier.load(model.path)
+    texts = workload.sample_texts(settings.data, 200, settings.bench.seed)
+    expected = workload.Expected(list(classifier.labels), classifier.predict_proba(texts))
+    (layer,) = [layer for layer in layers.LAYERS if layer.name == "uvloop"]
+    name = model.name or settings.registry.model_name
+    rows = layers.rows(
+        bench.servers, model, name, model.version or "local", texts, expected, (layer,)
+    )
+    assert [(r.name, r.protocol) for r in rows] == [(layer.row, p) for p in layer.protocols]
+    for row in rows:
+        doc = row.to_dict()
+        assert set(doc) >= SERVER_KEYS and "unavailable" not in doc
+        assert doc["config"] == {"layer_off": layer.name, "switch": layer.switch}
+        assert layer.switch == "ROOST_SERVING__EVENT_LOOP=asyncio"
+        assert doc["cold_start_s"] > 0 and doc["peak_rss_mb"] > 0 and doc["ladder"]
+        check = doc["correctness"]
+        assert check["checked"] >= 50
+        assert (check["answered"], check["wrong"], check["errors"]) == (check["checked"], 0, 0), (
+            row.protocol, check["first_error"],
+        )  # fmt: skip
+        assert sum(step["wrong"] for step in doc["ladder"]) == 0
+    assert (bench.work / "logs" / f"{layer.row}.log").exists()
 
 
 def test_every_answer_matches_the_reference_model(
