@@ -94,8 +94,12 @@ $(CHECKOV):
 	$(CHECKOV_VENV)/bin/pip install -q "checkov==$(CHECKOV_VERSION)"
 
 .PHONY: peers
-peers: venv ## Build the bench peers' own venvs in .venv-peers (what make test's quick bench runs).
-	$(ROOST) bench install-peers --dir $(PEERS_VENV) $(TEST_PEERS)
+peers: $(addprefix peer-,$(TEST_PEERS)) ## Build the bench peers' own venvs in .venv-peers (what make test's quick bench runs).
+
+# One target per peer: under make -j (make test) the peers' venvs build side by side.
+.PHONY: $(addprefix peer-,$(TEST_PEERS))
+$(addprefix peer-,$(TEST_PEERS)): peer-%: venv
+	$(ROOST) bench install-peers --dir $(PEERS_VENV) $*
 
 .PHONY: apt-deps
 apt-deps: ## Install Debian packages the tests use (nginx: canary proxy; PostgreSQL: cluster runner; chromium: MLflow UI check; prometheus: monitor rules).
