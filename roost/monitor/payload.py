@@ -258,11 +258,15 @@ class PayloadLogger:
         poster = Poster(self.url, cfg.timeout_s)
         try:
             while True:
+                # Wait for a whole batch (``log`` wakes us) or the flush interval, whichever
+                # is first: sending whatever is queued at once made batches of a few events
+                # under steady load, one POST (and GIL hand-off) per handful of requests.
+                if len(self._queue) < cfg.batch_size and not self._stop.is_set():
+                    self._wake.wait(cfg.flush_interval_s)
+                    self._wake.clear()
                 if not self._queue:
                     if self._stop.is_set():
                         return
-                    self._wake.wait(cfg.flush_interval_s)
-                    self._wake.clear()
                     continue
                 self._deliver(poster, self._take(cfg.batch_size))
         finally:

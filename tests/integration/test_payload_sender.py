@@ -33,6 +33,7 @@ class Recorder(ThreadingHTTPServer):
         self.posts: list[tuple[dict[str, str], bytes]] = []
         self.connections: set[int] = set()
         self.lock = threading.Lock()
+        self.release = threading.Event()  # what a "hold" step waits for before answering
 
     @property
     def url(self) -> str:
@@ -48,12 +49,19 @@ class Handler(BaseHTTPRequestHandler):
         with self.server.lock:
             self.server.connections.add(self.client_address[1])
             step = self.server.script.pop(0) if self.server.script else 200
+        if step == "hold":
+            self.server.posts.append(({k.lower(): v for k, v in self.headers.items()}, body))
+            self.server.release.wait(30)
+            step = "held"
+        with self.server.lock:
             if step == "close":
                 self.close_connection = True
                 self.connection.close()
                 return
             assert self.path == "/events?x=1"
-            self.server.posts.append(({k.lower(): v for k, v in self.headers.items()}, body))
+            if step != "held":
+                self.server.posts.append(({k.lower(): v for k, v in self.headers.items()}, body))
+            step = 200 if step == "held" else step
         answer = b'{"stored":1}' if step == 200 else b'{"error":"no"}'
         self.send_response(int(step))
         self.send_header("content-type", "application/json")
@@ -125,6 +133,27 @@ def test_batched_events_arrive_and_a_5xx_is_retried(recorder: Recorder) -> None:
     )
     assert all(h["content-type"] == events.BATCH_CONTENT for h, _ in recorder.posts)
     assert len(recorder.connections) == 1  # one keep-alive connection for every POST
+
+
+def test_events_queued_during_a_send_wait_for_a_whole_batch(recorder: Recorder) -> None:
+    """Under steady load the sender fills batches; it does not post whatever a send left."""
+    recorder.script[:] = ["hold"]  # the first POST is answered only when the test says so
+    sender = logger(recorder.url, batch_size=64, flush_interval_s=60)
+    sender.start()
+    try:
+        for i in range(32):  # 64 events: a whole batch, sent at once
+            sender.log(f"a-{i}", b"{}", b"{}")
+        proc.wait_until(lambda: len(recorder.posts) == 1 or None, 30, 0.01, what="POST 1")
+        for i in range(3):  # arrive while that POST is in flight
+            sender.log(f"b-{i}", b"{}", b"{}")
+        recorder.release.set()
+        proc.wait_until(lambda: sender.sent == 64 or None, 30, 0.01, what="batch 1 acked")
+        for i in range(3, 32):  # the batch fills up: 6 + 58 events
+            sender.log(f"b-{i}", b"{}", b"{}")
+        proc.wait_until(lambda: sender.sent == 128 or None, 30, 0.01, what="batch 2 acked")
+    finally:
+        sender.close()
+    assert [len(orjson.loads(body)) for _, body in recorder.posts] == [64, 64]
 
 
 def test_binary_mode_sends_kserve_headers_and_survives_a_dropped_connection(
