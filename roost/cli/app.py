@@ -142,6 +142,13 @@ _register()
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point."""
+    if argv is None:
+        # KServe parses sys.argv when first imported (kserve.model_server, at module level)
+        # and exits on an option it owns with a value it does not know: `roost predict
+        # --protocol grpc`, `roost bench profile --protocol rest-v2`. The arguments are
+        # roost's: typer gets them, KServe sees none.
+        argv = sys.argv[1:]
+        del sys.argv[1:]
     try:
         result = app(args=argv, prog_name="roost", standalone_mode=False)
     except typer.Exit as exc:

@@ -104,3 +104,25 @@ def test_command_modules_do_not_import_the_app() -> None:
             if node.module == "roost.cli.app" or (node.module == "roost.cli" and "app" in names):
                 offenders.append(module.name)
     assert offenders == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("predict", "--protocol", "grpc", "--timeout", "2"),  # kserve's --protocol: v1/v2/grpc-v2
+        ("bench", "profile", "--protocol", "rest-v2", "--out", "x"),
+    ],
+)
+def test_options_kserve_also_has_are_roosts_alone(args: tuple[str, ...], tmp_path: Path) -> None:
+    """KServe parses sys.argv when imported; roost's own options must never reach it."""
+    port = free_port()
+    argv = [*args, "--grpc-target", f"127.0.0.1:{port}", "hi"] if args[0] == "predict" else args
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("roost")), *argv],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env={"PATH": str(Path(sys.executable).parent), "ROOST_STATE_DIR": str(tmp_path)},
+    )  # fmt: skip
+    assert "invalid choice" not in done.stderr, done.stderr
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines and ("error" in lines[-1].lower()), done.stderr
