@@ -14,9 +14,17 @@ import itertools
 import os
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -114,8 +122,10 @@ class RegistrySettings(_Section):
 class PayloadLoggingSettings(_Section):
     """Payload logging from the predictor (owned by roost.monitor.payload)."""
 
-    url: str | None = Field(
-        None, description="Receiver of the CloudEvents (e.g. `roost monitor serve`); unset: off."
+    url: Annotated[str, StringConstraints(pattern=r"^https?://[^/?#]+")] | None = Field(
+        None,
+        description="Receiver of the CloudEvents, an http(s):// URL (e.g. `roost monitor "
+        "serve`); unset: off.",
     )
     sample_rate: float = Field(1.0, ge=0, le=1, description="Fraction of inferences logged.")
     mode: Literal["all", "request", "response"] = Field(

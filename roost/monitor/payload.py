@@ -24,7 +24,8 @@ off the event loop) is the part it does not have, and the format itself is a han
 The sender thread shares the predictor's GIL, so its CPU per event is inference's loss. It
 writes a batch's JSON as bytes (the constant part of each event encoded once) and posts it with
 the standard library's ``http.client`` on one keep-alive connection: httpx cost 4 to 5 times the
-CPU per POST of a 160 KB batch here (``python -m roost.monitor.bench --sender`` prints both).
+CPU per POST of a 160 KB batch here (482 against 97 µs to a local nginx). The sender's CPU per
+event: ``python -m roost.monitor.bench --sender 20000``.
 """
 
 from __future__ import annotations

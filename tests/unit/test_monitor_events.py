@@ -199,3 +199,15 @@ def test_deploy_logger_flags() -> None:
         with_logger(base, None, "all")
     with pytest.raises(ConfigError, match="--log-url: expected an http"):
         with_logger(base, "receiver:8090", None)
+
+
+def test_the_log_url_must_be_http() -> None:
+    """A receiver URL the sender cannot post to is refused when the settings load."""
+    from roost.config import load_settings
+    from roost.errors import ConfigError
+
+    for bad in ("ftp://receiver/", "localhost:8090", "http://"):
+        with pytest.raises(ConfigError, match=r"serving\.logging\.url"):
+            load_settings(None, {"serving": {"logging": {"url": bad}}})
+    good = load_settings(None, {"serving": {"logging": {"url": "https://r.example:8443/e?x=1"}}})
+    assert good.serving.logging.url == "https://r.example:8443/e?x=1"
