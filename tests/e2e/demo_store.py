@@ -20,6 +20,7 @@ from typing import Any
 
 from roost import proc, tracking
 from roost.config import load_settings
+from tests.conftest import MLFLOW_EXPORTS
 
 DEMO_ARGS = ("demo", "--json", "--max-rows", "6000", "--epochs", "4")
 
@@ -29,7 +30,10 @@ def roost(state: Path, *args: str, timeout: float = 600) -> subprocess.Completed
         [sys.executable, "-m", "roost", "--state-dir", str(state), *args],
         capture_output=True, text=True, timeout=timeout, check=False,
         env={
-            **os.environ,
+            # The fixture is session-scoped, so it can run before conftest's module-scoped
+            # clean-up: without MLflow's exports from earlier modules' in-process calls, the
+            # demo starts its own server instead of dialling a stopped one.
+            **{k: v for k, v in os.environ.items() if k not in MLFLOW_EXPORTS},
             "KUBECONFIG": str(state / "no-kubeconfig"),  # no cluster: lineage says so
             "ROOST_TRACKING__STARTUP_TIMEOUT_S": "300",  # MLflow starts slowly on a busy machine
         },
