@@ -20,7 +20,7 @@ from roost.bench import loadgen, measure, stream, workload
 from roost.bench import torchserve as ts
 from roost.bench.plan import Profile, Progress, ServerResult, Target
 from roost.config import Settings
-from roost.errors import Timeout
+from roost.errors import MissingTool, Timeout
 from roost.serving import local
 
 
@@ -157,7 +157,12 @@ class Servers:
 
         logs = self.work / "logs"
         rows: list[ServerResult] = []
-        nginx = shutil.which("nginx") or shutil.which(self.settings.rollout.nginx)
+        from roost.rollout.backends.nginx import find_nginx
+
+        try:
+            nginx: str | None = find_nginx(shutil.which("nginx") or self.settings.rollout.nginx)
+        except MissingTool:
+            nginx = None
         if nginx is None:
             rows.append(self._logging_row(model, name, version, texts, expected, None, ""))
         else:
