@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from roost import registry
-from roost.bench import loadgen, measure, workload
+from roost.bench import loadgen, measure, stream, workload
 from roost.config import Settings
 from roost.errors import MissingTool, RoostError
 from roost.serving import local
@@ -116,6 +116,10 @@ def run(
         name = server.name
         if protocol == "grpc-v2":
             sender: loadgen.Sender = loadgen.GrpcSender(
+                server.grpc_target, workload.grpc_requests(texts, name), lambda r, i: None
+            )
+        elif protocol == stream.STREAM_PROTOCOL:
+            sender = stream.GrpcStreamSender(
                 server.grpc_target, workload.grpc_requests(texts, name), lambda r, i: None
             )
         else:

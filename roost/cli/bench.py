@@ -224,7 +224,7 @@ def profile(
         Path, typer.Option(help="Directory for the summary (samples go to state_dir/bench).")
     ],
     rate: Annotated[float, typer.Option(help="Open-loop load, requests/s.", min=1.0)] = 10000.0,
-    protocol: Annotated[str, typer.Option(help="rest-v2 or grpc-v2.")] = "rest-v2",
+    protocol: Annotated[str, typer.Option(help="rest-v2, grpc-v2 or grpc-v2-stream.")] = "rest-v2",
     seconds: Annotated[
         float,
         typer.Option(help="Seconds of load while sampling (py-spy takes whole seconds).", min=1.0),
@@ -234,8 +234,10 @@ def profile(
     json_output: JsonFlag = False,
 ) -> None:
     """Profile roost's server under load with py-spy --gil: GIL microseconds per request."""
-    if protocol not in ("rest-v2", "grpc-v2"):
-        raise typer.BadParameter("expected rest-v2 or grpc-v2", param_hint="--protocol")
+    if protocol not in ("rest-v2", "grpc-v2", "grpc-v2-stream"):
+        raise typer.BadParameter(
+            "expected rest-v2, grpc-v2 or grpc-v2-stream", param_hint="--protocol"
+        )
     from roost.bench import profile as bench_profile
 
     settings = state(ctx).settings()

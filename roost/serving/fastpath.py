@@ -35,7 +35,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from roost.config import ServingSettings
 from roost.monitor import events
-from roost.serving import codec, guard, metrics
+from roost.serving import codec, guard, metrics, wire
 from roost.serving.guard import Repository, replay_body
 
 if TYPE_CHECKING:
@@ -575,15 +575,16 @@ class FastServicer(InferenceServicer):  # type: ignore[misc]
     def answer(
         self, request: Any, texts: list[str], proba: np.ndarray, start: float, decoded: float
     ) -> tuple[Any, str | None]:
-        """(the response, the payload event id when logging is on) of a plain request."""
+        """(the serialized response, the payload event id when logging is on) of a plain
+        request."""
         model = self.model
         predicted = time.perf_counter()
         payload = model.payload
         event_id = request.id if payload is None else payload.event_id(request.id)
         names = model.names(proba)
-        response = codec.grpc_response(
+        response = wire.infer_response(
             model.name, model.version, event_id, model.labels, names, proba
-        )
+        )  # serialized: the gRPC handlers pass bytes through
         if payload is not None:
             payload.log_grpc(event_id, texts, model, names, proba)
         self.meters.record(start, decoded, predicted, time.perf_counter())

@@ -129,7 +129,11 @@ class RoostInterceptor:
             finally:
                 self.inflight -= shed
 
-        return handler._replace(request_deserializer=decode, unary_unary=call)
+        return handler._replace(
+            request_deserializer=decode,
+            response_serializer=serialized,  # KServe's: each message's SerializeToString
+            unary_unary=call,
+        )
 
     @staticmethod
     async def _abort(
@@ -157,7 +161,12 @@ class Servicer(Protocol):
 
     def answer(
         self, request: Any, texts: list[str], proba: Any, start: float, decoded: float
-    ) -> tuple[Any, str | None]: ...
+    ) -> tuple[bytes, str | None]: ...
+
+
+def serialized(response: Any) -> bytes:
+    """A servicer's answer as bytes: roost's plain answers are serialized already."""
+    return response if type(response) is bytes else response.SerializeToString()
 
 
 class StreamInfer:
@@ -197,7 +206,7 @@ class StreamInfer:
                 if exc is not None:
                     raise exc
                 response, _ = servicer.answer(request, texts, done.result(), start, decoded)
-                data = stream_response(response.SerializeToString())
+                data = stream_response(response)
             except Exception as error:
                 data = self._error(request, error)
             out.put_nowait(data)
@@ -205,7 +214,7 @@ class StreamInfer:
         async def slow(request: Any) -> None:
             try:
                 response = await servicer.infer(request, context, True)
-                data = stream_response(response.SerializeToString())
+                data = stream_response(serialized(response))
             except Exception as exc:
                 data = self._error(request, exc)
             finally:

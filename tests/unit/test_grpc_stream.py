@@ -1,13 +1,15 @@
-"""ModelStreamInfer's hand-written wire format, and the gRPC/layer rows of the bench report."""
+"""The hand-written gRPC wire format (ModelStreamInfer's wrapper, the plain answer), and the
+gRPC/layer rows of the bench report."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 
 from roost.bench import layers, stream
-from roost.serving import wire
+from roost.serving import codec, wire
 
 pytestmark = pytest.mark.unit
 
@@ -37,6 +39,26 @@ def test_stream_response_is_what_protobuf_writes() -> None:
         == cls(error_message="oops", infer_response=inner).SerializeToString()
     )
     assert wire.stream_response(inner) == cls(infer_response=inner).SerializeToString()
+
+
+@pytest.mark.parametrize(
+    ("version", "request_id", "n"),
+    [("3", "r1", 1), (None, "", 2), ("12", "ïd-ü" * 40, 64), ("", "x" * 300, 200)],
+)
+def test_plain_answer_is_byte_for_byte_what_protobuf_writes(
+    version: str | None, request_id: str, n: int
+) -> None:
+    """wire.infer_response writes the same bytes as codec.grpc_response's message, with
+    extreme floats, long ids (two-byte lengths) and batches past one-byte lengths."""
+    rng = np.random.default_rng(n)
+    proba = rng.dirichlet([1.0, 1.0, 1.0], size=n).astype(np.float32)
+    proba[0] = [1.0, 0.0, 1e-38]
+    labels = ["negative", "neutral", "positive"]
+    names = [labels[i] for i in proba.argmax(axis=1)]
+    expected = codec.grpc_response("sentiment", version, request_id, labels, names, proba)
+    got = wire.infer_response("sentiment", version, request_id, labels, names, proba)
+    assert got == expected.SerializeToString()
+    assert type(expected).FromString(got) == expected
 
 
 def row(name: str, protocol: str, rps: float) -> dict[str, Any]:
