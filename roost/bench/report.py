@@ -12,6 +12,8 @@ from typing import Any
 from roost import proc
 from roost.bench import layers
 
+CEILING = "grpc.aio, no model"  # roost.bench.ceiling.NAME (not imported: it starts servers)
+
 JSON_NAME = "bench.json"
 TABLE_NAME = "bench.md"
 PLOT_NAME = "bench.png"
@@ -99,6 +101,12 @@ def markdown(result: dict[str, Any]) -> str:
         name = target.get("label") or names.get(key, key)
         lines.append(
             f"- {name}: **{target['value']}** (target {target['target']}, {verdict}{extra})"
+        )
+    for protocol, row in result.get("grpc_ceiling", {}).items():
+        lines.append(
+            f"- roost {protocol} / the same protocol with no model (`{CEILING}`, what "
+            f"grpc.aio and the client allow here): {row['roost_share']}; no model / roost "
+            f"REST v2: {row.get('no_model_vs_roost_rest', '-')}"
         )
     colocated = logging_colocated(result)
     if colocated:

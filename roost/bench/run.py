@@ -41,8 +41,8 @@ from typing import Any
 import numpy as np
 
 from roost import proc, registry
+from roost.bench import ceiling, measure, peers, report, stream, workload
 from roost.bench import layers as bench_layers
-from roost.bench import measure, peers, report, stream, workload
 from roost.bench import torchserve as ts
 from roost.bench.load import Loader
 from roost.bench.plan import Profile, Progress
@@ -110,6 +110,10 @@ class Bench:
                       workers=p.ts_workers[-1]),
         )  # fmt: skip
         servers = self.servers.roost(model, name, version, texts, expected)
+        if p.grpc:  # what gRPC itself allows here: roost's gRPC rows with the model taken out
+            servers += ceiling.rows(
+                self.work, name, texts, expected, self.loader.load, self.progress
+            )
         servers += self.servers.roost_logging(model, name, version, texts, expected)  # its cost
         if self.layers:
             servers += bench_layers.rows(self.servers, model, name, version, texts, expected)
@@ -150,6 +154,7 @@ class Bench:
         if batch_section is not None:
             result["batch"] = batch_section
         result["layers"] = bench_layers.gains(result)
+        result["grpc_ceiling"] = ceiling.ratios(result)
         result["targets"] = {
             **report.targets(result),
             **stream.targets(result),

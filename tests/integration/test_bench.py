@@ -136,6 +136,27 @@ def test_grpc_stream_row(quick_bench: tuple[dict[str, Any], Path]) -> None:
     assert "Fast-path layers" not in table
 
 
+def test_grpc_rows_without_the_model(quick_bench: tuple[dict[str, Any], Path]) -> None:
+    """The no-model gRPC rows (what grpc.aio allows here) ran, every answer checked against
+    the reference model like roost's, and each roost gRPC row is put against its own."""
+    from roost.bench import ceiling
+
+    doc, out = quick_bench
+    rows = {s["protocol"]: s for s in doc["servers"] if s["name"] == ceiling.NAME}
+    assert set(rows) == {"grpc-v2", "grpc-v2-stream"}
+    for row in rows.values():
+        assert row["correctness"]["wrong"] == 0 and row["correctness"]["errors"] == 0
+        assert row["correctness"]["answered"] == row["correctness"]["checked"] > 0
+        assert row["ladder"]
+    roost = {s["protocol"]: s for s in doc["servers"] if s["name"] == "roost"}
+    for protocol, row in rows.items():  # a ratio wherever both rows passed a ladder step
+        if row["max_rps_p99_50ms"] > 0 and roost[protocol]["max_rps_p99_50ms"] > 0:
+            ratio = doc["grpc_ceiling"][protocol]
+            assert ratio["no_model"] == row["max_rps_p99_50ms"]
+            assert ratio["roost_share"] == round(ratio["roost"] / ratio["no_model"], 3)
+    assert f"the same protocol with no model (`{ceiling.NAME}`" in (out / "bench.md").read_text()
+
+
 def test_a_layer_row_is_roost_with_its_switch_off(
     settings: Settings, champion: Any, tmp_path: Path
 ) -> None:
