@@ -12,7 +12,7 @@ TORCH_VERSION ?= 2.13.0
 #   make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX   ?=
 CHECKOV_VERSION ?= 3.3.30
-# roost bench's peers with pins of their own (roost/bench/peers.py): make test's quick bench
+# roost bench's peers with pins of their own (roost/bench/peer_env.py): make test's quick bench
 # runs these (and plain KServe, which needs no venv); `roost bench` installs the rest itself.
 PEERS_VENV    ?= .venv-peers
 TEST_PEERS    ?= mlserver pytriton
@@ -54,7 +54,7 @@ test: ## Install everything (make deps, in parallel), then run unit, integration
 	@echo ">> pytest (unit, integration, e2e, cluster, faults; kind and gpu tests skip themselves without Docker/CUDA)"
 	$(VENV_PY) -m pytest -m "unit or integration or e2e or cluster or faults or kind or gpu" $(PYTEST_ARGS)
 
-# checkov's venv and the Debian packages build while .venv (then the peers' venvs) does:
+# checkov's venv, the Debian packages and the peers' venvs build while .venv does:
 # make test runs this with -j3; each target's output is printed whole when it finishes.
 .PHONY: deps
 deps: venv checkov apt-deps peers ## Install what make test needs: .venv, .venv-checkov, .venv-peers, apt packages.
@@ -99,10 +99,11 @@ $(CHECKOV):
 .PHONY: peers
 peers: $(addprefix peer-,$(TEST_PEERS)) ## Build the bench peers' own venvs in .venv-peers (what make test's quick bench runs).
 
-# One target per peer: under make -j (make test) the peers' venvs build side by side.
+# One target per peer: under make -j (make test) the peers' venvs build side by side, and
+# beside .venv (peer_env.py needs only the standard library; `roost bench` reuses them).
 .PHONY: $(addprefix peer-,$(TEST_PEERS))
-$(addprefix peer-,$(TEST_PEERS)): peer-%: venv
-	$(ROOST) bench install-peers --dir $(PEERS_VENV) $*
+$(addprefix peer-,$(TEST_PEERS)): peer-%:
+	$(PYTHON) roost/bench/peer_env.py --dir $(PEERS_VENV) --torch $(TORCH_VERSION) $*
 
 .PHONY: apt-deps
 apt-deps: ## Install Debian packages the tests use (nginx: canary proxy; PostgreSQL: cluster runner; chromium: MLflow UI check; prometheus: monitor rules).

@@ -23,7 +23,6 @@ before its ladder (the loader does that for every target).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -42,7 +41,7 @@ import numpy as np
 import orjson
 
 from roost import proc
-from roost.bench import loadgen, measure, workload
+from roost.bench import loadgen, measure, peer_env, workload
 from roost.bench import torchserve as ts
 from roost.bench.plan import Profile, Progress, ServerResult, Target
 from roost.classifier import MANIFEST, VOCAB, WEIGHTS, find_classifier_dir
@@ -52,7 +51,6 @@ from roost.errors import Timeout
 log = logging.getLogger(__name__)
 
 APPS = Path(__file__).resolve().with_name("peer_apps")
-TORCH_WHEELS = Path("/opt/wheels")
 
 
 @dataclass(frozen=True)
@@ -80,16 +78,14 @@ PEERS: dict[str, Peer] = {
                 "CPU-bound pre/post-processing); the model batches as in roost"},
     ),
     "mlserver": Peer(
-        # uvloop 0.22+ raises in asyncio.get_event_loop() without a running loop, which
-        # MLServer 1.7.1's inference workers call at start: they die and restart forever.
-        "mlserver", ("mlserver==1.7.1", "uvloop==0.21.0"), ("rest-v2", "grpc-v2"),
+        "mlserver", peer_env.REQUIREMENTS["mlserver"], ("rest-v2", "grpc-v2"),
         {"max_batch_size": 64, "max_batch_time_s": 0.005, "parallel_workers": 1,
          "why": "MLServer's docs: adaptive batching (max_batch_size / max_batch_time) for "
                 "throughput; parallel_workers 1 (inference in one worker process, the "
                 "front end in the main one: 2 processes for 2 cores)"},
     ),
     "bentoml": Peer(
-        "bentoml", ("bentoml==1.4.40",), ("rest",),
+        "bentoml", peer_env.REQUIREMENTS["bentoml"], ("rest",),
         {"workers": 1, "max_batch_size": 64, "max_latency_ms": 60000, "batching": "adaptive",
          "why": "BentoML's docs: adaptive batching (batchable=True, max_batch_size) for "
                 "throughput; max_latency_ms its default 60 s (at 50 ms its dispatcher sheds "
@@ -103,7 +99,7 @@ PEERS: dict[str, Peer] = {
         variants=({"batching": "adaptive"}, {"batching": "off"}),
     ),
     "pytriton": Peer(
-        "pytriton", ("nvidia-pytriton==0.7.0",), ("rest-v2", "grpc-v2"),
+        "pytriton", peer_env.REQUIREMENTS["pytriton"], ("rest-v2", "grpc-v2"),
         {"max_batch_size": 64, "max_queue_delay_us": 1000,
          "why": "Triton's model-configuration guide: the dynamic batcher, with a short "
                 "max_queue_delay to raise the batch size at little latency cost"},
@@ -116,56 +112,15 @@ class PeerUnavailable(Exception):
 
 
 # -- environments ------------------------------------------------------------------------
-def torch_requirement() -> tuple[str, str]:
-    """(what pip installs for torch, a constraint that keeps it the running torch).
-
-    The local wheel file of the running torch when there is one (no download), else the
-    running torch's version from the index.
-    """
-    version = metadata.version("torch")
-    base = version.split("+", 1)[0]
-    tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
-    wheels = sorted(TORCH_WHEELS.glob(f"torch-{base}*-{tag}-*.whl"))
-    return (str(wheels[0]) if wheels else f"torch=={base}"), f"torch=={base}"
-
-
 def environment(peer: Peer, root: Path, timeout_s: float, progress: Progress) -> Path:
-    """The python of ``peer``'s own virtual environment under ``root``, built if needed."""
+    """The python of ``peer``'s own virtual environment under ``root``, built if needed
+    (:func:`roost.bench.peer_env.build`, with the running torch's version)."""
     if not peer.own_env:
         return Path(sys.executable)
-    torch_req, torch_pin = torch_requirement()
-    wanted = "\n".join([torch_req, *peer.requirements])
-    digest = hashlib.sha256(wanted.encode()).hexdigest()[:16]
-    venv = (root / peer.name).resolve()
-    python = venv / "bin" / "python"
-    stamp = venv / ".roost-peer"
-    if python.exists() and stamp.exists() and stamp.read_text().strip() == digest:
-        return python
-    progress(f"{peer.name}: installing {' '.join(peer.requirements)} into {venv}")
-    shutil.rmtree(venv, ignore_errors=True)
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    base = getattr(sys, "_base_executable", sys.executable)
-    _run([base, "-m", "venv", str(venv)], 120, f"{peer.name}: venv")
-    constraints = venv / "constraints.txt"
-    constraints.write_text(torch_pin + "\n")
-    _run(
-        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-         "-c", str(constraints), torch_req, *peer.requirements],
-        timeout_s, f"{peer.name}: pip install",
-    )  # fmt: skip
-    stamp.write_text(digest + "\n")
-    return python
-
-
-def _run(argv: list[str], timeout_s: float, what: str) -> None:
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, check=False)
-    except subprocess.TimeoutExpired:
-        raise PeerUnavailable(f"{what} took over {timeout_s:.0f}s") from None
-    if done.returncode != 0:
-        lines = [ln for ln in (done.stderr or done.stdout).splitlines() if ln.strip()]
-        lines = [ln for ln in lines if "is ignored: it is neither" not in ln]
-        raise PeerUnavailable(f"{what} failed: {' | '.join(lines[-3:])[-400:]}")
+        return peer_env.build(peer.name, root, metadata.version("torch"), timeout_s, progress)
+    except peer_env.EnvError as exc:
+        raise PeerUnavailable(str(exc)) from None
 
 
 def stage(classifier_dir: Path, dest: Path) -> Path:
