@@ -23,6 +23,7 @@ import asyncio
 import concurrent.futures
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
@@ -188,17 +189,37 @@ class StreamInfer:
     async def handle(
         self, requests: AsyncIterator[Any], context: aio.ServicerContext
     ) -> AsyncIterator[bytes]:
-        """The method (grpc.aio tells an async generator function from its signature)."""
+        """The method (grpc.aio tells an async generator function from its signature).
+
+        A reader task reads and enqueues; this generator writes the answers as they come.
+        Both hand over through plain lists and one future each (no asyncio.Queue or
+        Semaphore: a message costs no coroutine beyond grpc.aio's read and write).
+        """
         servicer = self.servicer
         loop = asyncio.get_running_loop()
-        out: asyncio.Queue[bytes | None] = asyncio.Queue()
-        room = asyncio.Semaphore(self.max_inflight)
+        answers: deque[bytes | None] = deque()  # written in this order; None: the reader ended
+        wake: list[asyncio.Future[None]] = []  # the writer, waiting for an answer
+        room: list[asyncio.Future[None]] = []  # the reader, waiting for a request to end
         running: set[asyncio.Future[Any]] = set()
+        limit = self.max_inflight
+
+        def put(data: bytes | None) -> None:
+            answers.append(data)
+            if wake:
+                waiter = wake.pop()
+                if not waiter.done():
+                    waiter.set_result(None)
+
+        def release() -> None:
+            if room:
+                waiter = room.pop()
+                if not waiter.done():
+                    waiter.set_result(None)
 
         def finish(request: Any, texts: list[str], start: float, decoded: float,
                    done: asyncio.Future[Any]) -> None:  # fmt: skip
             running.discard(done)
-            room.release()
+            release()
             if done.cancelled():
                 return
             try:
@@ -209,7 +230,7 @@ class StreamInfer:
                 data = stream_response(response)
             except Exception as error:
                 data = self._error(request, error)
-            out.put_nowait(data)
+            put(data)
 
         async def slow(request: Any) -> None:
             try:
@@ -217,9 +238,11 @@ class StreamInfer:
                 data = stream_response(serialized(response))
             except Exception as exc:
                 data = self._error(request, exc)
-            finally:
-                room.release()
-            out.put_nowait(data)
+            put(data)
+
+        def slow_done(task: asyncio.Future[Any]) -> None:
+            running.discard(task)
+            release()
 
         async def read() -> None:
             try:
@@ -228,18 +251,21 @@ class StreamInfer:
                     if isinstance(request, Undecodable):
                         log.info("client error grpc_method=ModelStreamInfer code=%s reason=%s",
                                  "INVALID_ARGUMENT", request.reason)  # fmt: skip
-                        out.put_nowait(stream_response(b"", codec.show(request.reason)))
+                        put(stream_response(b"", codec.show(request.reason)))
                         continue
                     start = time.perf_counter()
                     try:
                         texts = servicer.plain(request)
                     except Exception as exc:
-                        out.put_nowait(self._error(request, exc))
+                        put(self._error(request, exc))
                         continue
-                    await room.acquire()
+                    while len(running) >= limit:  # past it the stream is not read
+                        waiter: asyncio.Future[None] = loop.create_future()
+                        room.append(waiter)
+                        await waiter
                     if texts is None:
                         future: asyncio.Future[Any] = loop.create_task(slow(request))
-                        future.add_done_callback(running.discard)
+                        future.add_done_callback(slow_done)
                     else:
                         future = servicer.model.enqueue(texts)
                         future.add_done_callback(
@@ -249,13 +275,20 @@ class StreamInfer:
                 while running:
                     await asyncio.wait(set(running))
             finally:
-                out.put_nowait(None)
+                put(None)
 
         reader = loop.create_task(read())
         try:
-            while (data := await out.get()) is not None:
-                yield data
-            await reader  # a broken stream (client gone, transport error) ends the call
+            while True:
+                while answers:
+                    data = answers.popleft()
+                    if data is None:
+                        await reader  # a broken stream (client gone, transport error) ends the call
+                        return
+                    yield data
+                waiter: asyncio.Future[None] = loop.create_future()
+                wake.append(waiter)
+                await waiter
         finally:
             reader.cancel()
             for future in list(running):
