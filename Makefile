@@ -17,9 +17,6 @@ CHECKOV_VERSION ?= 3.3.30
 PEERS_VENV    ?= .venv-peers
 TEST_PEERS    ?= mlserver pytriton
 PYTEST_ARGS   ?=
-# pip's flags for every venv: --no-compile skips byte-compiling each installed file (Python
-# compiles what it imports, once); it took .venv from 204 s to 122 s on a 2-core machine.
-PIP_FLAGS     ?= --no-compile
 DEMO_ARGS     ?=
 BENCH_ARGS    ?=
 
@@ -81,11 +78,11 @@ $(VENV_PY):
 $(STAMP): pyproject.toml constraints.txt | $(VENV_PY)
 	@echo ">> installing torch $(TORCH_VERSION) (CPU) and roost[dev] into $(VENV)"
 	@if [ -n "$(LOCAL_TORCH_WHEEL)" ]; then \
-	  $(VENV_PY) -m pip install -q $(PIP_FLAGS) "$(LOCAL_TORCH_WHEEL)"; \
+	  $(VENV_PY) -m pip install -q "$(LOCAL_TORCH_WHEEL)"; \
 	else \
-	  $(VENV_PY) -m pip install -q $(PIP_FLAGS) "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)); \
+	  $(VENV_PY) -m pip install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)); \
 	fi
-	$(VENV_PY) -m pip install -q $(PIP_FLAGS) -c constraints.txt -e ".[dev]"
+	$(VENV_PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
 
 .PHONY: checkov
@@ -94,7 +91,7 @@ checkov: $(CHECKOV) ## Install checkov in its own venv (its pins clash with MLfl
 $(CHECKOV):
 	@echo ">> installing checkov $(CHECKOV_VERSION) into $(CHECKOV_VENV)"
 	$(PYTHON) -m venv $(CHECKOV_VENV)
-	$(CHECKOV_VENV)/bin/pip install -q $(PIP_FLAGS) "checkov==$(CHECKOV_VERSION)"
+	$(CHECKOV_VENV)/bin/pip install -q "checkov==$(CHECKOV_VERSION)"
 
 .PHONY: peers
 peers: $(addprefix peer-,$(TEST_PEERS)) ## Build the bench peers' own venvs in .venv-peers (what make test's quick bench runs).
