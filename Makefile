@@ -71,11 +71,10 @@ distclean: clean ## Also remove the virtual environments and caches.
 .PHONY: venv
 venv: $(STAMP) ## Create .venv and install roost with its dev dependencies.
 
-$(VENV_PY):
-	@echo ">> creating $(VENV) with $(PYTHON)"
-	$(PYTHON) -m venv $(VENV)
-
-$(STAMP): pyproject.toml constraints.txt | $(VENV_PY)
+# One recipe from venv creation to the last install: under make -j (make test) the venv holds
+# its job slot throughout, so the other deps cannot take it between the two steps.
+$(STAMP): pyproject.toml constraints.txt
+	@[ -x $(VENV_PY) ] || { echo ">> creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
 	@echo ">> installing torch $(TORCH_VERSION) (CPU) and roost[dev] into $(VENV)"
 	@if [ -n "$(LOCAL_TORCH_WHEEL)" ]; then \
 	  $(VENV_PY) -m pip install -q "$(LOCAL_TORCH_WHEEL)"; \
