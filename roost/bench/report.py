@@ -12,7 +12,7 @@ from typing import Any
 from roost import proc
 from roost.bench import layers
 
-CEILING = "grpc.aio, no model"  # roost.bench.ceiling.NAME (not imported: it starts servers)
+CEILING = "grpc.aio, no model"  # the row of roost.bench.ceiling (its NAME)
 
 JSON_NAME = "bench.json"
 TABLE_NAME = "bench.md"
