@@ -34,6 +34,9 @@ class StepSummary:
     wrong: int  # answered, but not what the reference model says
     requests: int
     cpu_s_per_1k: float | None = None  # server CPU seconds per 1000 requests
+    # the load generator's own CPU seconds per 1000 requests (its process, all threads):
+    # client and server share the machine's CPUs, so a costly client leaves the server less
+    client_cpu_s_per_1k: float | None = None
     client_lag_ms: float = 0.0  # worst lateness of the load generator's own sends
     passed: bool = False
     first_error: str | None = None
@@ -46,8 +49,11 @@ class StepSummary:
         return out
 
 
-def summarize(record: StepRecord, slo_p99_ms: float, cpu_s: float | None) -> StepSummary:
-    """Percentiles, errors and the pass/fail verdict of one step."""
+def summarize(
+    record: StepRecord, slo_p99_ms: float, cpu_s: float | None, client_cpu_s: float | None = None
+) -> StepSummary:
+    """Percentiles, errors and the pass/fail verdict of one step (``cpu_s``: the server's CPU
+    seconds during it; ``client_cpu_s``: the load generator's)."""
     p50, p99, p999 = percentiles_ms(record.latencies_s)
     count = record.plan.count
     good = len(record.latencies_s)
@@ -63,6 +69,7 @@ def summarize(record: StepRecord, slo_p99_ms: float, cpu_s: float | None) -> Ste
         wrong=record.wrong,
         requests=count,
         cpu_s_per_1k=None if cpu_s is None else cpu_s / count * 1000.0,
+        client_cpu_s_per_1k=None if client_cpu_s is None else client_cpu_s / count * 1000.0,
         client_lag_ms=record.send_lag_s * 1000.0,
         passed=passes(p99, errors, good, slo_p99_ms),
         first_error=record.first_error,

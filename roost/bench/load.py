@@ -86,9 +86,12 @@ class Loader:
             if time.monotonic() - self.started > self.cfg.time_budget_s:
                 self.progress("time budget spent: ladder stopped")
                 break
-            cpu_before = measure.tree_cpu_s(pid)
+            cpu_before, client_before = measure.tree_cpu_s(pid), time.process_time()
             record = await loadgen.run_step(sender, loadgen.StepPlan(rate, p.step_s))
-            step = summarize(record, self.cfg.slo_p99_ms, measure.tree_cpu_s(pid) - cpu_before)
+            step = summarize(
+                record, self.cfg.slo_p99_ms, measure.tree_cpu_s(pid) - cpu_before,
+                time.process_time() - client_before,
+            )  # fmt: skip
             server.ladder.append(step)
             ladder.record(rate, step.passed)
             self.progress(

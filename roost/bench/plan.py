@@ -93,6 +93,9 @@ class ServerResult:
             "cpu_s_per_1k": None
             if best is None or best.cpu_s_per_1k is None
             else round(best.cpu_s_per_1k, 3),
+            "client_cpu_s_per_1k": None
+            if best is None or best.client_cpu_s_per_1k is None
+            else round(best.client_cpu_s_per_1k, 3),
             "at_max": None if best is None else best.to_dict(),
             "correctness": self.correctness,
             "config": self.config,

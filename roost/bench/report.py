@@ -57,16 +57,16 @@ def markdown(result: dict[str, Any]) -> str:
         f"{machine['load_avg_before'][0]} before / {machine['load_avg_after'][0]} after.",
         "",
         f"| server | protocol | texts/req | max req/s (p99 ≤ {slo:g} ms) | texts/s | "
-        "p50 / p99 / p99.9 ms at max | errors (all steps) | CPU s / 1k req | peak RSS MB | "
-        "cold start s |",
-        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|",
+        "p50 / p99 / p99.9 ms at max | errors (all steps) | server CPU s / 1k req | "
+        "client CPU s / 1k req | peak RSS MB | cold start s |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for s in result["servers"]:
         if s.get("unavailable"):
             lines.append(
                 f"| {s['name']} | {s['protocol']} | {s['texts_per_request']} | "
                 f"not measured: {s['unavailable'][:160].replace('|', '/')} "
-                "| - | - | - | - | - | - |"
+                "| - | - | - | - | - | - | - |"
             )
             continue
         at = s["at_max"] or {}
@@ -76,11 +76,12 @@ def markdown(result: dict[str, Any]) -> str:
             f"{_fmt(s['max_rps_p99_50ms'], 0)} | {_fmt(s['max_seq_per_s_p99_50ms'], 0)} | "
             f"{_fmt(at.get('p50_ms'), 2)} / {_fmt(at.get('p99_ms'), 2)} / "
             f"{_fmt(at.get('p999_ms'), 2)} | {errors} | {_fmt(s['cpu_s_per_1k'], 3)} | "
+            f"{_fmt(s.get('client_cpu_s_per_1k'), 3)} | "
             f"{_fmt(s['peak_rss_mb'], 0)} | {_fmt(s['cold_start_s'], 2)} |"
         )
     lines.append(
         f"| raw forward (in-process) | - | {raw['batch_size']} | - | "
-        f"{_fmt(raw['max_seq_per_s'], 0)} | - | - | - | - | - |"
+        f"{_fmt(raw['max_seq_per_s'], 0)} | - | - | - | - | - | - |"
     )
     lines += ["", "Targets (this run):", ""]
     names = {
@@ -108,6 +109,9 @@ def markdown(result: dict[str, Any]) -> str:
             f"grpc.aio and the client allow here): {row['roost_share']}; no model / roost "
             f"REST v2: {row.get('no_model_vs_roost_rest', '-')}"
         )
+    shared = cpu_bound(result)
+    if shared:
+        lines.append(f"- {shared}")
     colocated = logging_colocated(result)
     if colocated:
         lines.append(f"- {colocated}")
@@ -292,6 +296,31 @@ def logging_colocated(result: dict[str, Any]) -> str | None:
         f"roost REST v2 with payload logging to `roost monitor serve` on the same CPUs / "
         f"without, max req/s: {ratio:.3f} (no target: the whole pipeline on one machine"
         f"{per_event})"
+    )
+
+
+def cpu_bound(result: dict[str, Any]) -> str | None:
+    """The bound that client and server CPU put on each roost row with one text a request.
+
+    Both run on this machine's CPUs: at a row's max step each request cost the server's and
+    the load generator's CPU together, so no rate above ``cpus / that`` is possible here,
+    whatever the server does with its part.
+    """
+    cpus = result["machine"].get("cpu_limit") or result["machine"]["cpus"]
+    parts = []
+    for s in result["servers"]:
+        server, client = s.get("cpu_s_per_1k"), s.get("client_cpu_s_per_1k")
+        if s["name"] != "roost" or s["texts_per_request"] != 1 or not server or not client:
+            continue
+        parts.append(
+            f"{s['protocol']} {server:.3f} + {client:.3f} = {server + client:.3f} "
+            f"(at most {cpus / (server + client) * 1000:,.0f} req/s)"
+        )
+    if not parts:
+        return None
+    return (
+        f"CPU s per 1k requests at each roost row's max, server + load generator, on {cpus:g} "
+        "CPUs shared by both: " + "; ".join(parts)
     )
 
 

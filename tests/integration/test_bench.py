@@ -21,10 +21,12 @@ from roost.config import Settings
 pytestmark = pytest.mark.integration
 
 STEP_KEYS = {"rate", "achieved_rps", "p50_ms", "p99_ms", "p999_ms", "errors", "wrong",
-             "requests", "cpu_s_per_1k", "client_lag_ms", "passed", "first_error"}  # fmt: skip
+             "requests", "cpu_s_per_1k", "client_cpu_s_per_1k", "client_lag_ms", "passed",
+             "first_error"}  # fmt: skip
 SERVER_KEYS = {"name", "protocol", "texts_per_request", "max_rps_p99_50ms",
                "max_seq_per_s_p99_50ms", "cold_start_s", "cold_starts_s", "peak_rss_mb",
-               "cpu_s_per_1k", "at_max", "correctness", "config", "ladder"}  # fmt: skip
+               "cpu_s_per_1k", "client_cpu_s_per_1k", "at_max", "correctness", "config",
+               "ladder"}  # fmt: skip
 
 
 REPO = Path(__file__).resolve().parents[2]

@@ -79,8 +79,9 @@ def test_ladder_start_follows_the_raw_forward() -> None:
 def test_summarize_and_pass_rule() -> None:
     record = loadgen.StepRecord(loadgen.StepPlan(rate=100, duration_s=1.0))
     record.latencies_s = [0.001] * 99 + [0.2]
-    step = ladder.summarize(record, slo_p99_ms=50, cpu_s=0.5)
+    step = ladder.summarize(record, slo_p99_ms=50, cpu_s=0.5, client_cpu_s=0.2)
     assert step.requests == 100 and step.errors == 0
+    assert step.client_cpu_s_per_1k == pytest.approx(2.0)
     assert step.p50_ms == pytest.approx(1.0) and step.p999_ms > 150
     assert step.cpu_s_per_1k == pytest.approx(5.0)
     assert step.passed  # the p99 (interpolated) stays under 50 ms
@@ -202,11 +203,13 @@ def test_handler_batches_requests_and_isolates_bad_ones(handler_module: ModuleTy
 def fake_result() -> dict[str, Any]:
     step = {"rate": 100.0, "achieved_rps": 100.0, "p50_ms": 1.0, "p99_ms": 2.0,
             "p999_ms": 3.0, "errors": 0, "wrong": 0, "requests": 100, "cpu_s_per_1k": 0.1,
-            "client_lag_ms": 0.0, "passed": True, "first_error": None}  # fmt: skip
+            "client_cpu_s_per_1k": 0.15, "client_lag_ms": 0.0, "passed": True,
+            "first_error": None}  # fmt: skip
     server = {"name": "roost", "protocol": "rest-v2", "texts_per_request": 1,
               "max_rps_p99_50ms": 100.0, "max_seq_per_s_p99_50ms": 100.0, "cold_start_s": 1.2,
               "cold_starts_s": [1.2], "peak_rss_mb": 300.0, "cpu_s_per_1k": 0.1,
-              "at_max": step, "correctness": {}, "config": {}, "ladder": [step]}  # fmt: skip
+              "client_cpu_s_per_1k": 0.15, "at_max": step, "correctness": {}, "config": {},
+              "ladder": [step]}  # fmt: skip
     return {
         "machine": {"cpus": 2, "cpu_model": "x", "load_avg_before": [0.1, 0, 0],
                     "load_avg_after": [0.2, 0, 0]},
@@ -224,6 +227,10 @@ def test_reports(tmp_path: Path) -> None:
     assert doc["command"] == "roost bench --quick"
     table = paths["table"].read_text()
     assert "| roost | rest-v2 | 1 | 100 |" in table and "torchserve" in table
+    assert "| 0.100 | 0.150 | 300 |" in table  # server, then client CPU s / 1k requests
+    # 2 CPUs / (0.1 + 0.15 ms a request): the bound roost's one-text row is under
+    assert "rest-v2 0.100 + 0.150 = 0.250 (at most 8,000 req/s)" in table
+    assert "torchserve" not in report.cpu_bound(doc)  # roost's rows only
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
