@@ -641,6 +641,13 @@ class MonitorSettings(_Section):
         30.0, gt=0, description="Journal segments older than this are compacted into Parquet."
     )
     segment_bytes: int = Field(32 << 20, gt=0, description="...and segments bigger than this.")
+    dedupe_window_s: float = Field(
+        3600.0,
+        gt=0,
+        description="A redelivered event (same ce-id and ce-type) arriving within this long of "
+        "the first is stored once; the receiver keeps only this window's keys in memory, and "
+        "reads only this window's parts at start-up. Readers keep the first of an id.",
+    )
     startup_timeout_s: float = Field(60.0, gt=0, description="How long `up` waits for /healthz.")
     window_s: float = Field(900.0, gt=0, description="Report window (seconds).")
     since_s: float = Field(6 * 3600.0, gt=0, description="Report span (seconds back from now).")

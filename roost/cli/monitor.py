@@ -60,7 +60,7 @@ def serve(
     root.mkdir(parents=True, exist_ok=True)
     receiver.serve(
         root, cfg.host, cfg.port, cfg.max_body_bytes, cfg.segment_s, cfg.segment_bytes,
-        local.store_uri(settings),
+        local.store_uri(settings), cfg.dedupe_window_s,
     )  # fmt: skip
 
 

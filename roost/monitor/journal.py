@@ -20,7 +20,11 @@ redoing it after a crash rewrites the same files. A line torn by a crash (never
 acknowledged) is cut off at start-up.
 
 Duplicates (the same event id and type delivered twice, as at-least-once senders do) are
-stored once: the keys of every stored event are kept in memory and rebuilt at start-up.
+stored once when they arrive within ``dedupe_window_s`` of the first: the keys of the events
+stored in that window are kept in memory (and rebuilt at start-up from the journal and the
+Parquet parts written in it), so memory and start-up time follow the event rate, not the
+store's age. A later redelivery is stored again; every reader keeps the first of an id
+(:func:`roost.monitor.report.load_traffic`, :func:`roost.monitor.report.load_feedback`).
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,13 +108,18 @@ class Journal:
         segment_bytes: int = 32 << 20,
         segment_s: float = 60.0,
         store: str | Path | PartStore | None = None,
+        dedupe_window_s: float = 3600.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.root = root
+        self.dedupe_window_s = dedupe_window_s
+        self.clock = clock
         self.store = PartStore.of(store if store is not None else root)
         self.journal_dir = root / "journal"
         self.segment_bytes = segment_bytes
         self.segment_s = segment_s
-        self.seen: set[Key] = set()
+        self.seen: set[Key] = set()  # keys stored in the dedupe window
+        self._seen_at: deque[tuple[float, Key]] = deque()  # (when stored, key), oldest first
         self._inflight: dict[Key, asyncio.Future[None]] = {}
         self._pending: list[tuple[list[Record], asyncio.Future[None]]] = []
         self._writing = False
@@ -131,11 +141,14 @@ class Journal:
         """Recover: cut torn lines, load the keys stored so far, compact closed segments."""
         self.journal_dir.mkdir(parents=True, exist_ok=True)
         segments = self.segments()
+        now = self.clock()
+        keys: set[Key] = set()
         for _, path in segments:
             self._repair(path)
-            for record in read_segment(path):
-                self.seen.add(record.key)
-        self.seen |= stored_keys(self.store)
+            keys.update(record.key for record in read_segment(path))
+        keys |= stored_keys(self.store, since=now - self.dedupe_window_s)
+        for key in keys:  # the window of each starts now: none is forgotten early
+            self._remember(key, now)
         self._segment = (segments[-1][0] + 1) if segments else 1
         self._open_segment()
         self._compactor = threading.Thread(target=self._compact_loop, name="compactor", daemon=True)
@@ -184,6 +197,18 @@ class Journal:
             self._file.close()
             self._file = None
 
+    # -- the dedupe window ---------------------------------------------------------------------
+    def _remember(self, key: Key, now: float) -> None:
+        self.seen.add(key)
+        self._seen_at.append((now, key))
+
+    def _forget(self, now: float) -> None:
+        """Drop the keys stored longer than ``dedupe_window_s`` ago."""
+        cutoff = now - self.dedupe_window_s
+        seen_at, seen = self._seen_at, self.seen
+        while seen_at and seen_at[0][0] < cutoff:
+            seen.discard(seen_at.popleft()[1])
+
     # -- appends (event loop) -----------------------------------------------------------------
     async def append(self, records: Iterable[Record]) -> tuple[int, int]:
         """Store ``records`` durably; returns (stored, duplicates) once all are on disk."""
@@ -192,6 +217,7 @@ class Journal:
         waits = {future}
         mine: list[Record] = []
         duplicates = 0
+        self._forget(self.clock())
         inflight, seen = self._inflight, self.seen
         for record in records:
             key = record.key
@@ -231,10 +257,11 @@ class Journal:
                             self._inflight.pop(record.key, None)
                         future.set_exception(exc)
                     continue
+                now = self.clock()
                 for records, future in batches:
                     for record in records:
                         key = record.key
-                        self.seen.add(key)
+                        self._remember(key, now)
                         self._inflight.pop(key, None)
                     future.set_result(None)
                     self.stored += len(records)
@@ -470,17 +497,18 @@ def _schemas() -> tuple[Any, Any]:
     return event, feedback
 
 
-def stored_keys(store: str | Path | PartStore) -> set[Key]:
-    """(id, type) of every event and feedback label already in Parquet."""
+def stored_keys(store: str | Path | PartStore, since: float | None = None) -> set[Key]:
+    """(id, type) of the events and feedback labels in Parquet: all of them, or with ``since``
+    (epoch seconds) those in parts written since (a part is written after its events came)."""
     parts = PartStore.of(store)
     keys: set[Key] = set()
-    for path in parts.parts("events"):
+    for path in parts.parts("events", modified_since=since):
         table = parts.read(path, columns=["id", "type"])
         for event_id, kind in zip(
             table.column("id").to_pylist(), table.column("type").to_pylist(), strict=True
         ):
             keys.add((event_id, events.REQUEST_TYPE if kind == "request" else events.RESPONSE_TYPE))
-    for path in parts.parts("feedback"):
+    for path in parts.parts("feedback", modified_since=since):
         table = parts.read(path, columns=["id"])
         keys.update((event_id, FEEDBACK_TYPE) for event_id in table.column("id").to_pylist())
     return keys

@@ -124,12 +124,16 @@ def create_app(
     segment_s: float,
     segment_bytes: int,
     store: str | None = None,
+    dedupe_window_s: float = 3600.0,
 ) -> Starlette:
     """The receiver app: its journal under ``root``, Parquet parts in ``store`` (default:
     ``root``; a directory or ``s3://``). Opened on start-up, closed on shutdown."""
     from roost.serving.guard import BodyLimit
 
-    journal = Journal(root, segment_bytes=segment_bytes, segment_s=segment_s, store=store)
+    journal = Journal(
+        root, segment_bytes=segment_bytes, segment_s=segment_s, store=store,
+        dedupe_window_s=dedupe_window_s,
+    )  # fmt: skip
     metrics = Metrics()
     tail = Tail()
 
@@ -260,10 +264,11 @@ def serve(
     segment_s: float,
     segment_bytes: int,
     store: str | None = None,
+    dedupe_window_s: float = 3600.0,
 ) -> None:
     import uvicorn
 
-    app = create_app(root, max_body_bytes, segment_s, segment_bytes, store)
+    app = create_app(root, max_body_bytes, segment_s, segment_bytes, store, dedupe_window_s)
     # Each batch allocates a few thousand short-lived containers (parsed events, records), so
     # the cyclic collector's default (a young collection per 700 allocations) ran constantly
     # and scanned the long-lived tail and key set: 116 -> 66 CPU us per stored event with a

@@ -77,10 +77,12 @@ class PartStore:
             raise Unavailable(f"cannot write {self.display(path)}: {exc}") from None
         return self.display(path)
 
-    def parts(self, prefix: str) -> list[str]:
-        """Paths (on ``self.fs``) of every ``part-*.parquet`` under ``prefix``, sorted."""
+    def parts(self, prefix: str, modified_since: float | None = None) -> list[str]:
+        """Paths (on ``self.fs``) of every ``part-*.parquet`` under ``prefix``, sorted; with
+        ``modified_since`` (epoch seconds), only those written since (or of unknown age)."""
         from pyarrow import fs as pafs
 
+        since_ns = 0 if modified_since is None else int(modified_since * 1e9)
         selector = pafs.FileSelector(self.path(prefix), recursive=True, allow_not_found=True)
         try:
             infos = self.fs.get_file_info(selector)
@@ -92,6 +94,7 @@ class PartStore:
             if i.type == pafs.FileType.File
             and i.path.rsplit("/", 1)[-1].startswith("part-")
             and i.path.endswith(".parquet")
+            and (modified_since is None or i.mtime_ns is None or i.mtime_ns >= since_ns)
         )
 
     def read(self, path: str, columns: list[str] | None = None) -> Any:

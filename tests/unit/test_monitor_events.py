@@ -169,6 +169,64 @@ def test_journal_recovery_cuts_torn_line_and_keeps_keys(tmp_path: Path) -> None:
     assert not segment.exists()  # compacted, then removed
 
 
+def test_journal_forgets_keys_after_the_dedupe_window(tmp_path: Path) -> None:
+    now = [1000.0]
+    journal = Journal(tmp_path, segment_s=3600, dedupe_window_s=60, clock=lambda: now[0])
+    journal.open()
+
+    async def at(t: float, *ids: int) -> tuple[int, int]:
+        now[0] = t
+        return await journal.append([_record(i) for i in ids])
+
+    async def scenario() -> list[tuple[int, int]]:
+        return [
+            await at(1000, 1),
+            await at(1030, 1),  # within the window: a duplicate
+            await at(1059, 2, 3),
+            await at(1061, 1, 2),  # id-1 was forgotten at 1060 and is stored again; id-2 not
+            *[await at(2000 + t, 100 + t) for t in range(0, 600, 10)],  # an hour-long stream
+        ]
+
+    try:
+        results = asyncio.run(scenario())
+        # memory follows the window: the keys of the last 60 s only (7 appends, 10 s apart)
+        assert len(journal.seen) == len(journal._seen_at) == 7
+    finally:
+        journal.close()
+    assert results[:4] == [(1, 0), (0, 1), (2, 0), (1, 1)]
+
+
+def test_journal_start_up_reads_only_the_windows_parts(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from roost.monitor.journal import stored_keys
+
+    def store(*ids: int) -> None:
+        journal = Journal(tmp_path, segment_s=3600)
+        journal.open()
+        try:
+            asyncio.run(journal.append([_record(i) for i in ids]))
+            journal.flush()
+        finally:
+            journal.close()
+
+    store(1)
+    old = time.time() - 7200
+    for part in (tmp_path / "events").rglob("part-*.parquet"):
+        os.utime(part, (old, old))  # written two hours ago
+    store(2)
+    assert stored_keys(tmp_path) == {("id-1", events.REQUEST_TYPE), ("id-2", events.REQUEST_TYPE)}
+    journal = Journal(tmp_path, segment_s=3600, dedupe_window_s=3600)
+    journal.open()
+    try:
+        assert journal.seen == {("id-2", events.REQUEST_TYPE)}
+        # id-2 came within the hour: a duplicate; id-1 two hours ago: stored again
+        assert asyncio.run(journal.append([_record(1), _record(2)])) == (1, 1)
+    finally:
+        journal.close()
+
+
 def test_logger_queue_is_bounded_and_counts_drops() -> None:
     cfg = PayloadLoggingSettings(url="http://127.0.0.1:9/", queue_size=4)
     labels = {"model": "sentiment", "version": "1", "reason": "queue_full"}
