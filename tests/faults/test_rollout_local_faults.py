@@ -6,7 +6,8 @@ the session's MLflow server, synthetic REST traffic through nginx. The faults:
 - a predictor's ``/metrics`` answering 500, resetting, slower than the scrape's timeout, or
   refusing connections: the fault proxy is put between the controller and the predictor
   (the server record in ``servers.json`` points at the proxy, which forwards the rest);
-- a predictor SIGKILLed;
+- a predictor SIGKILLed: the challenger's rolls the rollout back, the champion's is started
+  again at once (nginx pointed at it, the weight kept);
 - nginx's master SIGKILLed (its worker lives on with the ports), its config test failing (the
   binary is a wrapper that fails ``-t`` while a flag file exists) and its config directory
   unwritable (``nginx.conf.next`` is a directory);
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from roost import proc, registry, tracking
@@ -40,6 +42,7 @@ from roost.rollout.backends.nginx import ServerRecord
 from roost.rollout.controller import Controller
 from roost.rollout.state import Phase, RolloutState
 from roost.rollout.traffic import SAMPLE_TEXTS, Traffic
+from roost.rollout.variant import VARIANT_HEADER
 from roost.train import TrainOutcome
 from tests.conftest import make_settings
 from tests.faults.conftest import CliResult, cli_env, endpoint, roost
@@ -324,6 +327,35 @@ def test_nginx_killed_or_failing_to_reload_holds_and_heals(local_canary: LocalCa
     assert canary.weights_applied() == [50]
     live = canary.backend.live()
     assert live is not None and live["weight"] == 50, live
+
+    # The champion's predictor SIGKILLed (nginx answers 502 for its half): the controller
+    # starts its version again at once and points nginx at it, keeping the weight.
+    topology = canary.backend.topology()
+    assert topology is not None and topology.champion is not None
+    dead = topology.champion
+    kill_group(dead.pid)
+    said: list[str] = []  # the holds the ticks went through (one hold event per cause)
+
+    def restarted(state: RolloutState) -> bool:
+        said.extend([state.holding or ""] + [str(e.get("reason")) for e in state.history])
+        now = canary.backend.topology()
+        return now is not None and now.champion is not None and now.champion.pid != dead.pid
+
+    canary.tick_until(restarted, 120, "the champion to be started again")
+    assert any(f"(pid {dead.pid}) exited; started it again" in reason for reason in said), said
+    topology = canary.backend.topology()
+    assert topology is not None and topology.champion is not None
+    assert topology.champion.alive()
+    assert topology.champion.version == canary.champion
+    live = canary.backend.live()
+    assert live is not None and live["weight"] == 50 and live["champion"] == canary.champion, live
+    assert canary.weights_applied() == [50]  # no step was taken on the way
+    served = canary.controller.settings.serving.model_name
+    pinned = httpx.get(
+        f"{canary.backend.endpoint()}/v2/models/{served}/ready",
+        headers={VARIANT_HEADER: "champion"}, timeout=10,
+    )  # fmt: skip
+    assert pinned.status_code == 200, pinned.text  # through nginx, to the new server
 
     # Its config test fails when the next weight is written: nginx keeps serving 50%.
     canary.nginx_flag.touch()

@@ -213,6 +213,35 @@ class LocalBackend(Backend):
         log.warning("nginx was not running; started it again on %s", self.proxy.conf)
         return "nginx was not running; started it again on its last config"
 
+    def _restart_champion(self, topology: Topology, state: RolloutState) -> str:
+        """The champion's server exited (killed, crashed): start its version again.
+
+        nginx still sends it the champion's share of the traffic, answering 502 for all of
+        it, so it is started at once (not at the next rollout) and nginx is pointed at its
+        new ports with the weight it serves. The rollout holds meanwhile: the next tick's
+        readiness check sees the new server before any analysis.
+        """
+        old = topology.champion
+        assert old is not None
+        log.warning("champion server v%s (pid %d) exited; starting it again", old.version, old.pid)
+        record, server = self._start_server(CHAMPION, old.version)
+        topology.champion = record
+        self._save_topology(topology)  # the pid recorded before waiting: a crash leaks nothing
+        try:
+            server.wait_ready(self.cfg.server_start_timeout_s)
+        except (proc.ProcessExited, Timeout) as exc:
+            return f"champion server v{old.version} exited and did not start again: {exc}"
+        live = self.live()
+        weight = int(live["weight"]) if live and live.get("challenger") == state.version else 0
+        try:
+            self._configure(topology, weight, state.version)
+        except (ProxyError, Timeout) as exc:
+            return f"champion server v{old.version} started again; nginx not updated: {exc}"
+        return (
+            f"champion server v{old.version} (pid {old.pid}) exited; started it again "
+            f"(pid {record.pid}, see {record.log_file})"
+        )
+
     def current_weight(self, state: RolloutState) -> int | None:
         live = self.live()
         if live is None:
@@ -254,6 +283,8 @@ class LocalBackend(Backend):
             raise CanaryFailed(
                 f"challenger server v{state.version} (pid {chall.pid}) exited; see {chall.log_file}"
             )
+        if topology.champion is not None and not topology.champion.alive():
+            return Readiness(False, self._restart_champion(topology, state))
         for role, record in ((CHAMPION, topology.champion), (CHALLENGER, chall)):
             if record is None:
                 if role == CHAMPION:
