@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from fastapi import FastAPI, Request
-from fastapi.responses import ORJSONResponse
 from kserve.errors import (
     InferenceError,
     InvalidInput,
@@ -38,6 +37,7 @@ from kserve.errors import (
     ServerNotReady,
     UnsupportedProtocol,
 )
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from roost.serving import codec
@@ -349,7 +349,7 @@ def status_of(exc: Exception) -> int:
     return 500
 
 
-async def _handler(request: Request, exc: Exception) -> ORJSONResponse:
+async def _handler(request: Request, exc: Exception) -> JSONResponse:
     status = status_of(exc)
     reason = str(exc) or type(exc).__name__
     if status < 500:
@@ -358,7 +358,7 @@ async def _handler(request: Request, exc: Exception) -> ORJSONResponse:
         log.warning("unavailable path=%s reason=%s", request.url.path, codec.show(reason))
     else:
         log.error("server error path=%s", request.url.path, exc_info=exc)
-    return ORJSONResponse({"error": codec.show(reason)}, status_code=status)
+    return JSONResponse({"error": codec.show(reason)}, status_code=status)
 
 
 def install_handlers(app: FastAPI) -> None:

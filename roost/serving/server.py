@@ -15,8 +15,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
 
 from roost.config import Settings
 from roost.serving import guard
@@ -32,7 +32,7 @@ def _field(loc: tuple[Any, ...]) -> str:
     return out or "request body"
 
 
-async def validation_error(request: Request, exc: Exception) -> ORJSONResponse:
+async def validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     messages = []
     for err in exc.errors():
@@ -43,10 +43,10 @@ async def validation_error(request: Request, exc: Exception) -> ORJSONResponse:
             messages.append(f"{_field(tuple(err.get('loc', ())))}: {err.get('msg')}")
     message = "; ".join(messages)
     guard.client_error(400, request.method, request.url.path, message)
-    return ORJSONResponse({"error": message}, status_code=400)
+    return JSONResponse({"error": message}, status_code=400)
 
 
-async def http_error(request: Request, exc: Exception) -> ORJSONResponse:
+async def http_error(request: Request, exc: Exception) -> JSONResponse:
     """Starlette/FastAPI HTTP errors (unparseable body, unknown route) as ``{"error": ...}``."""
     assert isinstance(exc, StarletteHTTPException)
     detail = str(exc.detail)
@@ -54,7 +54,7 @@ async def http_error(request: Request, exc: Exception) -> ORJSONResponse:
         detail = "request body: not valid UTF-8 JSON"
     if exc.status_code < 500:
         guard.client_error(exc.status_code, request.method, request.url.path, detail)
-    return ORJSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)
 
 
 def prepare_app(app: FastAPI, settings: Settings, model: Any) -> None:
