@@ -498,6 +498,11 @@ class BenchSettings(_Section):
     texts: int = Field(2000, ge=10, description="Corpus texts sampled (seeded) for the load.")
     seed: int = Field(7, description="Seed of the text sample.")
     connections: int = Field(64, ge=1, description="HTTP keep-alive connections of the client.")
+    grpc_client: Literal["h2", "grpcio"] = Field(
+        "h2",
+        description="gRPC load generator: h2 (roost.bench.h2grpc, HTTP/2 on an asyncio "
+        "protocol, as cheap per call as the HTTP/1.1 client) or grpcio (grpc.aio's client).",
+    )
     multi_text_request: int = Field(
         32, ge=0, description="Texts per request of roost's extra REST v2 ladder (0: none)."
     )

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from roost import proc
-from roost.bench import loadgen, measure, report, stream, workload
+from roost.bench import h2grpc, measure, report, stream, workload
 from roost.bench.plan import Progress, ServerResult, Target
 from roost.serving.wire import SERVICE, infer_response, stream_response
 
@@ -162,11 +162,11 @@ def rows(
         targets = [
             Target(
                 result("grpc-v2"), server.pid, len(texts),
-                lambda: loadgen.GrpcSender(target, requests, workload.check_grpc(expected)),
+                lambda: h2grpc.unary(target, requests, workload.check_grpc(expected)),
             ),
             Target(
                 result(stream.STREAM_PROTOCOL), server.pid, len(texts),
-                lambda: stream.GrpcStreamSender(target, requests, workload.check_grpc(expected)),
+                lambda: h2grpc.streaming(target, requests, workload.check_grpc(expected)),
             ),
         ]  # fmt: skip
         for t in targets:

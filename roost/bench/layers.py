@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from roost.bench import loadgen, stream, workload
+from roost.bench import h2grpc, loadgen, stream, workload
 from roost.bench.plan import ServerResult, Target
 
 if TYPE_CHECKING:
@@ -86,11 +86,11 @@ def _sender(
     protocol: str, server: Any, name: str, texts: list[str], expected: workload.Expected
 ) -> Any:
     if protocol == "grpc-v2":
-        return lambda: loadgen.GrpcSender(
+        return lambda: h2grpc.unary(
             server.grpc_target, workload.grpc_requests(texts, name), workload.check_grpc(expected)
         )
     if protocol == stream.STREAM_PROTOCOL:
-        return lambda: stream.GrpcStreamSender(
+        return lambda: h2grpc.streaming(
             server.grpc_target, workload.grpc_requests(texts, name), workload.check_grpc(expected)
         )
     return lambda: loadgen.HttpSender(

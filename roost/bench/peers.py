@@ -41,7 +41,7 @@ import numpy as np
 import orjson
 
 from roost import proc
-from roost.bench import loadgen, measure, peer_env, workload
+from roost.bench import h2grpc, loadgen, measure, peer_env, workload
 from roost.bench import torchserve as ts
 from roost.bench.plan import Profile, Progress, ServerResult, Target
 from roost.classifier import MANIFEST, VOCAB, WEIGHTS, find_classifier_dir
@@ -359,7 +359,7 @@ class Peers:
             requests = grpc_requests(texts, name, batch_dim)
             target = f"127.0.0.1:{server.grpc_port}"
             grpc_check = check_grpc_any(expected)
-            return lambda: loadgen.GrpcSender(target, requests, grpc_check)
+            return lambda: h2grpc.unary(target, requests, grpc_check)
         bento = bentoml_bodies(texts)
         bento_check = check_bentoml(expected)
         return lambda: loadgen.HttpSender(

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from roost import registry
-from roost.bench import loadgen, measure, stream, workload
+from roost.bench import h2grpc, loadgen, measure, stream, workload
 from roost.config import Settings
 from roost.errors import MissingTool, RoostError
 from roost.serving import local
@@ -105,6 +105,7 @@ def run(
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(py_spy).exists():
         raise MissingTool("py-spy not found: pip install py-spy")
+    h2grpc.use(settings.bench.grpc_client)
     model = registry.fetch_model(settings, model_uri)
     texts = workload.sample_texts(settings.data, settings.bench.texts, settings.bench.seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -115,11 +116,11 @@ def run(
         server.wait_ready(120)
         name = server.name
         if protocol == "grpc-v2":
-            sender: loadgen.Sender = loadgen.GrpcSender(
+            sender: loadgen.Sender = h2grpc.unary(
                 server.grpc_target, workload.grpc_requests(texts, name), lambda r, i: None
             )
         elif protocol == stream.STREAM_PROTOCOL:
-            sender = stream.GrpcStreamSender(
+            sender = h2grpc.streaming(
                 server.grpc_target, workload.grpc_requests(texts, name), lambda r, i: None
             )
         else:

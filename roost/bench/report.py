@@ -45,6 +45,12 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
+GRPC_CLIENTS = {
+    "h2": "HTTP/2 frames on an asyncio protocol (`roost.bench.h2grpc`)",
+    "grpcio": "`grpc.aio` (bench.grpc_client: grpcio)",
+}
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The summary table, the targets, and each ladder (rate: p50/p99/p99.9, errors)."""
     slo = result["slo_p99_ms"]
@@ -54,7 +60,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"`{result.get('command', 'roost bench')}` — {result['mode']} run, model "
         f"{result['model_name']} v{result['model_version']}, commit `{result['commit'][:12]}`, "
         f"{machine['cpus']} CPUs ({machine['cpu_model'] or 'unknown'}), load average "
-        f"{machine['load_avg_before'][0]} before / {machine['load_avg_after'][0]} after.",
+        f"{machine['load_avg_before'][0]} before / {machine['load_avg_after'][0]} after; gRPC "
+        f"load generator: {GRPC_CLIENTS.get(result.get('grpc_client', 'grpcio'), '?')}.",
         "",
         f"| server | protocol | texts/req | max req/s (p99 ≤ {slo:g} ms) | texts/s | "
         "p50 / p99 / p99.9 ms at max | errors (all steps) | server CPU s / 1k req | "

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from roost import proc, registry
-from roost.bench import ceiling, measure, peers, report, stream, workload
+from roost.bench import ceiling, h2grpc, measure, peers, report, stream, workload
 from roost.bench import layers as bench_layers
 from roost.bench import torchserve as ts
 from roost.bench.load import Loader
@@ -80,6 +80,7 @@ class Bench:
     # -- the whole run ---------------------------------------------------------------------
     def run(self, model_uri: str) -> dict[str, Any]:
         p = self.profile
+        h2grpc.use(self.cfg.grpc_client)
         self.out.mkdir(parents=True, exist_ok=True)
         if self.work.exists():
             shutil.rmtree(self.work / "logs", ignore_errors=True)
@@ -135,6 +136,7 @@ class Bench:
             "model_version": version,
             "mode": "quick" if p.quick else "full",
             "slo_p99_ms": self.cfg.slo_p99_ms,
+            "grpc_client": h2grpc.client(),
             "duration_s": round(time.monotonic() - self.started, 1),
             "libraries": report.libraries(),
             "peer_requirements": {k: list(peers.PEERS[k].requirements) or ["roost's own"]

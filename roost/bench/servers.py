@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from roost import proc, registry, tracking
-from roost.bench import loadgen, measure, stream, workload
+from roost.bench import h2grpc, loadgen, measure, stream, workload
 from roost.bench import torchserve as ts
 from roost.bench.plan import Profile, Progress, ServerResult, Target
 from roost.config import Settings
@@ -101,7 +101,7 @@ class Servers:
                         result("grpc-v2"),
                         http.process.pid,
                         len(texts),
-                        lambda: loadgen.GrpcSender(
+                        lambda: h2grpc.unary(
                             http.grpc_target,
                             workload.grpc_requests(texts, name),
                             workload.check_grpc(expected),

@@ -18,7 +18,7 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any
 
-from roost.bench import workload
+from roost.bench import h2grpc, workload
 from roost.bench.loadgen import Done, GrpcCheck
 from roost.bench.plan import ServerResult, Target
 from roost.serving.wire import SERVICE, parse_stream_response, varint
@@ -118,7 +118,7 @@ def target(
         result,
         server.process.pid,
         len(texts),
-        lambda: GrpcStreamSender(
+        lambda: h2grpc.streaming(
             server.grpc_target, workload.grpc_requests(texts, name), workload.check_grpc(expected)
         ),
     )
