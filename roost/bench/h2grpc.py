@@ -2,9 +2,11 @@
 
 Why not ``grpc.aio``: client and server share the machine's CPUs, so what the client spends
 per call is taken from the server. The HTTP/1.1 client (:mod:`roost.bench.loadgen`) is a
-small asyncio protocol for that reason; measured the same way (``client CPU s / 1k req`` in
-bench.md), ``grpc.aio``'s client spent several times its CPU per call, so gRPC rows measured
-the client as much as the server. This client does what the HTTP/1.1 one does, over HTTP/2:
+small asyncio protocol for that reason; ``grpc.aio``'s client cost several times its CPU per
+request (``client CPU s / 1k req`` in bench.md: 0.452 a unary call against REST's 0.042 in
+the full run at ``2d85dde``), so the gRPC rows charged the server for the client's work. A
+full run loads roost's gRPC rows with both clients (``roost (grpc.aio client)`` rows), side
+by side. This client does what the HTTP/1.1 one does, over HTTP/2:
 
 - one connection (as one ``grpc.aio`` channel), streams multiplexed on it; request header
   blocks are HPACK literals that never touch the dynamic table (constant bytes per

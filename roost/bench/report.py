@@ -317,10 +317,13 @@ def cpu_bound(result: dict[str, Any]) -> str | None:
     parts = []
     for s in result["servers"]:
         server, client = s.get("cpu_s_per_1k"), s.get("client_cpu_s_per_1k")
-        if s["name"] != "roost" or s["texts_per_request"] != 1 or not server or not client:
+        if not s["name"].startswith("roost") or "+" in s["name"] or "-no-" in s["name"]:
+            continue  # roost's own rows (either gRPC client), not the logging or layer rows
+        if s["texts_per_request"] != 1 or not server or not client:
             continue
+        client_name = " (grpc.aio client)" if "grpc.aio" in s["name"] else ""
         parts.append(
-            f"{s['protocol']} {server:.3f} + {client:.3f} = {server + client:.3f} "
+            f"{s['protocol']}{client_name} {server:.3f} + {client:.3f} = {server + client:.3f} "
             f"(at most {cpus / (server + client) * 1000:,.0f} req/s)"
         )
     if not parts:

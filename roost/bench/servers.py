@@ -23,6 +23,8 @@ from roost.config import Settings
 from roost.errors import MissingTool, Timeout
 from roost.serving import local
 
+AIO_CLIENT = "roost (grpc.aio client)"  # roost's gRPC rows again, loaded by grpc.aio's client
+
 
 class Servers:
     def __init__(
@@ -111,6 +113,29 @@ class Servers:
                 targets.append(
                     stream.target(result(stream.STREAM_PROTOCOL), http, texts, name, expected)
                 )
+                if not p.quick and h2grpc.client() == "h2":
+                    # The same gRPC rows with grpc.aio's client: what the client costs, side
+                    # by side (its CPU per request is in each row).
+                    def aio(protocol: str) -> ServerResult:
+                        row = result(protocol)
+                        row.name = AIO_CLIENT
+                        return row
+
+                    requests = workload.grpc_requests(texts, name)
+                    targets += [
+                        Target(
+                            aio("grpc-v2"), http.process.pid, len(texts),
+                            lambda: loadgen.GrpcSender(
+                                http.grpc_target, requests, workload.check_grpc(expected)
+                            ),
+                        ),
+                        Target(
+                            aio(stream.STREAM_PROTOCOL), http.process.pid, len(texts),
+                            lambda: stream.GrpcStreamSender(
+                                http.grpc_target, requests, workload.check_grpc(expected)
+                            ),
+                        ),
+                    ]  # fmt: skip
             if p.multi_text > 1:
                 k = p.multi_text
                 groups = len(texts) // k
