@@ -505,6 +505,23 @@ class H2GrpcSender:
             await asyncio.sleep(0)
 
 
+def settle(data: bytes, pending: dict[bytes, tuple[int, float, Done]], check: GrpcCheck) -> None:
+    """One ``ModelStreamInferResponse`` of a stream: its request (by ``id``) is done."""
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+
+    error, inner = parse_stream_response(data)
+    response = pb.ModelInferResponse.FromString(inner)
+    entry = pending.pop(response.id.encode(), None)
+    if entry is None:
+        return  # a request of a finished step
+    index, intended, done = entry
+    if error:
+        done(index, intended, f"stream-error: {error}")
+        return
+    problem = check(response, index)
+    done(index, intended, None if problem is None else f"wrong: {problem}")
+
+
 class H2GrpcStreamSender:
     """``ModelStreamInfer`` requests on one stream, answers matched by their ``id``."""
 
@@ -534,19 +551,7 @@ class H2GrpcStreamSender:
         self.conn.send(self.call, body + b"\x1a" + varint(len(request_id)) + request_id)
 
     def _answer(self, data: bytes) -> None:
-        from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
-
-        error, inner = parse_stream_response(data)
-        response = pb.ModelInferResponse.FromString(inner)
-        entry = self._pending.pop(response.id.encode(), None)
-        if entry is None:
-            return  # a request of a finished step
-        index, intended, done = entry
-        if error:
-            done(index, intended, f"stream-error: {error}")
-            return
-        problem = self.check(response, index)
-        done(index, intended, None if problem is None else f"wrong: {problem}")
+        settle(data, self._pending, self.check)
 
     def _closed(self, status: int, detail: str) -> None:
         self._ended = error_text(status if status != 0 else -1,

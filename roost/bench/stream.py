@@ -21,7 +21,7 @@ from typing import Any
 from roost.bench import h2grpc, workload
 from roost.bench.loadgen import Done, GrpcCheck
 from roost.bench.plan import ServerResult, Target
-from roost.serving.wire import SERVICE, parse_stream_response, varint
+from roost.serving.wire import SERVICE, varint
 
 STREAM_PROTOCOL = "grpc-v2-stream"
 STREAM_METHOD = f"/{SERVICE}/ModelStreamInfer"
@@ -66,24 +66,13 @@ class GrpcStreamSender:
 
     async def _read(self) -> None:
         import grpc
-        from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 
         try:
             while True:
                 data = await self._call.read()
                 if data is grpc.aio.EOF:
                     break
-                error, inner = parse_stream_response(data)
-                response = pb.ModelInferResponse.FromString(inner)
-                entry = self._pending.pop(response.id.encode(), None)
-                if entry is None:
-                    continue  # a request of a finished step
-                index, intended, done = entry
-                if error:
-                    done(index, intended, f"stream-error: {error}")
-                    continue
-                problem = self.check(response, index)
-                done(index, intended, None if problem is None else f"wrong: {problem}")
+                h2grpc.settle(data, self._pending, self.check)
         except grpc.aio.AioRpcError as exc:
             self._fail_all(f"grpc-{exc.code().name}: {exc.details()}")
             raise
