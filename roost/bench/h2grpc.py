@@ -101,8 +101,8 @@ def message(body: bytes) -> bytes:
 class Call:
     """One HTTP/2 stream carrying a gRPC call."""
 
-    __slots__ = ("block", "closed", "ended", "headers", "id", "inbox", "on_closed",
-                 "on_message", "outbox", "received", "trailers_only", "window")  # fmt: skip
+    __slots__ = ("closed", "ended", "headers", "id", "inbox", "on_closed", "on_message",
+                 "outbox", "received", "window")  # fmt: skip
 
     def __init__(self, on_message: Callable[[bytes], None], on_closed: Closed) -> None:
         self.id = 0
@@ -113,9 +113,7 @@ class Call:
         self.ended = False  # END_STREAM goes with the outbox's last byte
         self.inbox = bytearray()  # DATA received, not yet a whole message
         self.received = 0  # DATA bytes received since the last stream WINDOW_UPDATE
-        self.block = bytearray()  # a header block still waiting for its CONTINUATION
         self.headers: dict[bytes, bytes] | None = None  # the response's headers
-        self.trailers_only = False
         self.closed = False
 
 
